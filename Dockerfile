@@ -1,0 +1,43 @@
+# attent_vision training image: `docker run --gpus all IMAGE selection=soft ratio=incremental` passes Hydra overrides.
+# The base is a pinned CUDA PyTorch runtime; `pip install -e .` then installs the project's pinned stack
+# (torch 2.14.1 wheels bundle their own CUDA libraries), exactly as the README does on a workstation.
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+FROM ${PYTORCH_IMAGE}
+
+ARG UID=1000
+ARG GID=1000
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/attent \
+    XDG_CACHE_HOME=/home/attent/.cache \
+    WANDB_DIR=/workspace/outputs \
+    ATTENT_DATA_DIR=/workspace/data \
+    ATTENT_LOG_DIR=/workspace/outputs
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+RUN groupadd --gid "${GID}" attent \
+    && useradd -l -m --uid "${UID}" --gid "${GID}" --shell /bin/bash attent \
+    && mkdir -p /app /workspace/data /workspace/outputs \
+    && chown -R "${UID}:${GID}" /app /workspace
+
+WORKDIR /app
+
+# Dependencies first, so editing the sources does not invalidate this layer.
+COPY --chown=${UID}:${GID} pyproject.toml README.md ./
+COPY --chown=${UID}:${GID} attent_vision/__init__.py attent_vision/__init__.py
+RUN pip install --no-cache-dir -e .
+
+COPY --chown=${UID}:${GID} attent_vision ./attent_vision
+COPY --chown=${UID}:${GID} conf ./conf
+COPY --chown=${UID}:${GID} train.py ./
+
+# Data and run outputs live on mounted volumes: -v $PWD/data:/workspace/data -v $PWD/outputs:/workspace/outputs
+VOLUME ["/workspace/data", "/workspace/outputs"]
+
+USER ${UID}:${GID}
+
+ENTRYPOINT ["python", "train.py"]
+CMD []

@@ -1,0 +1,111 @@
+"""Run-level callbacks: the per-run ``summary.json`` and its printed digest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def _metric(trainer: pl.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class RunSummary(pl.Callback):
+    """Writes ``summary.json`` into the run directory when fitting ends (or fails).
+
+    It holds wall time, samples and optimizer steps, per-epoch train/val losses and the final ones. Other parts of
+    the run add their own fields through :meth:`update` (for example the initial validation loss or the AtteNT
+    teacher's scoring time).
+
+    Args:
+        output_dir: Run directory; the file is ``<output_dir>/summary.json``.
+    """
+
+    def __init__(self, *, output_dir: str) -> None:
+        self.path = Path(output_dir) / "summary.json"
+        self.run_start = time.perf_counter()
+        self.fit_start: float | None = None
+        self.fields: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._epoch_start = 0.0
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "train_loss": _metric(trainer, "train/loss_epoch"),
+                "train_time_s": round(time.perf_counter() - self._epoch_start, 3),
+                "optimizer_steps": trainer.global_step,
+                "samples_seen": getattr(pl_module, "samples_seen", None),
+            }
+        )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        # Validation runs after the epoch's training part; attach its loss to that epoch's record.
+        if self.history and self.history[-1]["epoch"] == trainer.current_epoch:
+            self.history[-1]["val_loss"] = _metric(trainer, "val/loss")
+
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
+        now = time.perf_counter()
+        fit_time = now - self.fit_start if self.fit_start is not None else None
+        samples = getattr(pl_module, "samples_seen", None)
+        train_time = sum(e["train_time_s"] for e in self.history)
+        return {
+            "status": status,
+            "wall_time_s": round(now - self.run_start, 3),
+            "fit_time_s": round(fit_time, 3) if fit_time is not None else None,
+            "train_time_s": round(train_time, 3),
+            "samples_seen": samples,
+            "optimizer_steps": trainer.global_step,
+            "epochs": trainer.current_epoch + (1 if status == "finished" else 0),
+            "train_images_per_s": round(samples / train_time, 2) if samples and train_time else None,
+            "final_train_loss": _metric(trainer, "train/loss_epoch"),
+            "final_val_loss": _metric(trainer, "val/loss"),
+            "final_val_losses": {
+                k.removeprefix("val/loss_"): float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k.startswith("val/loss_")
+            },
+            **self.fields,
+            "history": self.history,
+        }
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
+        summary = self.summary(trainer, pl_module, status)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.path)
+        return summary
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module, "finished")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.update(error=f"{type(exception).__name__}: {exception}")
+        self.write(trainer, pl_module, "failed")

@@ -1,0 +1,52 @@
+"""train.py end to end in a subprocess, as a user runs it: summary, checkpoints, resume."""
+
+import csv
+from pathlib import Path
+
+import torch
+
+from tests.conftest import TINY_OVERRIDES, read_summary, run_train
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = sorted((root / "outputs" / "pretrain" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_tiny_run_writes_summary_checkpoints_and_metrics(tmp_path):
+    proc = run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/pretrain/runs/first"], cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished"
+    for key in ("wall_time_s", "samples_seen", "optimizer_steps", "final_train_loss", "final_val_loss"):
+        assert summary[key] is not None, key
+    # 48 train samples, batch 8, drop_last -> 6 steps per epoch, 2 epochs.
+    assert summary["optimizer_steps"] == 12
+    assert summary["samples_seen"] == 96
+    assert summary["epochs"] == 2
+    assert set(summary["final_val_losses"]) == {"rgb", "depth", "semseg", "norm_rgb"}
+    assert summary["initial_val_loss"] > 0
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert {"train/loss_step", "val/loss", "val/loss_depth", "lr-AdamW"} <= set(columns)
+    assert "run summary (summary.json):" in proc.stdout
+    # the synthetic data went to ATTENT_DATA_DIR, outside the run directory
+    assert (tmp_path / "data" / "synthetic_smoke" / "meta.json").is_file()
+
+
+def test_resume_from_last_ckpt_continues_the_step_count(tmp_path):
+    run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/first"], cwd=tmp_path)
+    last = tmp_path / "outputs" / "first" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 12 and state["samples_seen"] == 96
+    run_train(
+        [*TINY_OVERRIDES, "hydra.run.dir=outputs/resumed", f"ckpt_path={last}", "trainer.max_epochs=3"],
+        cwd=tmp_path,
+    )
+    summary = read_summary(tmp_path / "outputs" / "resumed")
+    assert summary["optimizer_steps"] == 18
+    assert summary["samples_seen"] == 144
+    assert [e["epoch"] for e in summary["history"]] == [2]
