@@ -1,6 +1,5 @@
 """Pretrain MultiMAE: ``python train.py [group=option ...] [key=value ...]`` (see ``--help`` and ``--cfg job``)."""
 
-import logging
 import sys
 
 import hydra
@@ -17,8 +16,7 @@ def main(cfg: DictConfig) -> float | None:
         return run_pretraining(cfg)
     except (ConfigError, DataFormatError) as error:
         # Bad input is the user's to fix: say what and where, without a traceback from deep inside.
-        logging.getLogger("train").error("%s: %s", type(error).__name__, error)
-        sys.exit(f"error: {error}")
+        sys.exit(f"{type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

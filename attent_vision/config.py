@@ -21,13 +21,20 @@ def _auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+def _token_fraction(modalities: list[str], input_size: int, patch_size: int, denominator: int) -> int:
+    # MultiMAE encodes 1/6 of the tokens (98 of 588 at 224 px / patch 16); keep that share at any size.
+    total = count_input_tokens(
+        modalities=list(modalities), input_size=int(input_size), patch_size=int(patch_size)
+    )
+    return max(1, total // int(denominator))
+
+
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", _auto_precision)
-
-
-register_resolvers()
+    if not OmegaConf.has_resolver("token_fraction"):
+        OmegaConf.register_new_resolver("token_fraction", _token_fraction)
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -75,7 +82,9 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
     _require(int(data.num_workers) >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     _require(float(model.blr) > 0, "model.blr", f"must be positive, got {model.blr}")
     _require(float(model.min_lr) >= 0, "model.min_lr", f"must be >= 0, got {model.min_lr}")
-    _require(int(cfg.trainer.max_epochs) >= 1, "trainer.max_epochs", f"must be >= 1, got {cfg.trainer.max_epochs}")
+    _require(
+        int(cfg.trainer.max_epochs) >= 1, "trainer.max_epochs", f"must be >= 1, got {cfg.trainer.max_epochs}"
+    )
     lo, hi = (float(v) for v in data.crop_scale)
     _require(0 < lo <= hi <= 1, "data.crop_scale", f"needs 0 < min <= max <= 1, got {[lo, hi]}")
 
@@ -91,3 +100,6 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and ckpt != "last":
         _require(Path(str(ckpt)).is_file(), "ckpt_path", f"{ckpt} is not a file")
+
+
+register_resolvers()

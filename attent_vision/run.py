@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -10,7 +11,8 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from attent_vision.config import validate_pretrain_config
+from attent_vision.config import ConfigError, validate_pretrain_config
+from attent_vision.selection import AtteNTTeacher, EpochPlan
 from attent_vision.tasks.callbacks import RunSummary
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,11 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every child with a ``_target_`` (callbacks and loggers are keyed by name)."""
     if not group:
         return []
-    return [hydra.utils.instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [
+        hydra.utils.instantiate(node)
+        for node in group.values()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
 
 
 def count_parameters(module: Any) -> dict[str, int]:
@@ -33,23 +39,68 @@ def count_parameters(module: Any) -> dict[str, int]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     keys = [
-        "status", "wall_time_s", "train_time_s", "epochs", "optimizer_steps", "samples_seen", "train_images_per_s",
-        "initial_val_loss", "final_val_loss", "final_train_loss", "scoring_time_s", "checkpoint",
+        "status",
+        "wall_time_s",
+        "train_time_s",
+        "epochs",
+        "optimizer_steps",
+        "samples_seen",
+        "train_images_per_s",
+        "initial_val_loss",
+        "final_val_loss",
+        "final_train_loss",
+        "scoring_time_s",
+        "checkpoint",
     ]
     width = max(len(k) for k in keys)
     lines = [f"  {k:<{width}}  {summary[k]}" for k in keys if summary.get(k) is not None]
     return "\n".join(["run summary (summary.json):", *lines])
 
 
+def configured_world_size(trainer_cfg: DictConfig) -> int:
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1) or 1
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if isinstance(devices, list | tuple):
+        return len(devices) * nodes
+    return nodes  # "auto" / -1: known only once the trainer starts; the teacher re-plans then
+
+
+def build_teacher(cfg: DictConfig) -> AtteNTTeacher:
+    try:
+        return hydra.utils.instantiate(cfg.teacher)
+    except Exception as error:  # Hydra wraps the schedule's ValueError; surface the key it names
+        cause = error.__cause__ or error
+        raise ConfigError(str(cause)) from None
+
+
+def plan_from_config(cfg: DictConfig, teacher: AtteNTTeacher, datamodule: Any) -> list[EpochPlan]:
+    """The epoch plan the run will follow, computed before any data is generated or model built."""
+    try:
+        return teacher.make_plan(
+            max_epochs=int(cfg.trainer.max_epochs),
+            dataset_size=datamodule.train_size(),
+            batch_size=int(cfg.data.batch_size),
+            world_size=configured_world_size(cfg.trainer),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def run_pretraining(cfg: DictConfig) -> float | None:
     """Pretrain as configured; returns the final validation loss (the metric a sweeper would optimise)."""
     validate_pretrain_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    teacher = build_teacher(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    plan = plan_from_config(cfg, teacher, datamodule)
+    if cfg.get("print_plan"):
+        print(json.dumps([p.as_dict() for p in plan]), flush=True)
+        return None
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule.prepare_data()  # generate the synthetic set once, in this process, before any worker starts
-    model = hydra.utils.instantiate(cfg.model)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    callbacks = [teacher, *instantiate_group(cfg.get("callbacks"))]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -69,7 +120,7 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     if summary_cb is None or not trainer.is_global_zero:
         return None
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-    summary_cb.update(checkpoint=checkpoint or None, **sizes)
+    summary_cb.update(checkpoint=checkpoint or None, **sizes, **teacher.summary_fields())
     summary = summary_cb.write(trainer, model, "finished")
     print(format_summary(summary), flush=True)
     value = summary.get("final_val_loss")

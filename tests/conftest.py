@@ -23,6 +23,7 @@ CONF_DIR = ROOT / "conf"
 # Tiny, fast settings shared by the end-to-end tests (a few seconds per run on 2 CPU cores).
 TINY_OVERRIDES = [
     "experiment=smoke",
+    "selection=none",
     "logger=csv",
     "trainer.enable_progress_bar=false",
 ]
@@ -46,7 +47,9 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
-def run_train(args: list[str], *, cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], *, cwd: Path, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python train.py`` like a user would, with data and outputs inside ``cwd``."""
     env = {
         **os.environ,
@@ -64,7 +67,9 @@ def run_train(args: list[str], *, cwd: Path, timeout: int = 300, check: bool = T
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"train.py {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

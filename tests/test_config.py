@@ -21,9 +21,7 @@ def test_every_model_size_composes_and_validates(compose_cfg, model):
     assert cfg.model.net.image_size == cfg.data.input_size
 
 
-@pytest.mark.parametrize(
-    "group", ["trainer", "logger", "callbacks", "data", "experiment"]
-)
+@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "data", "experiment"])
 def test_every_group_option_composes(compose_cfg, tmp_path, group):
     for option in options(group):
         overrides = [f"{group}={option}"]

@@ -25,7 +25,11 @@ def test_hadolint_is_clean():
 
 
 def test_base_image_is_a_pinned_cuda_pytorch_image(dockerfile):
-    args = {ins["value"].split("=", 1)[0]: ins["value"].split("=", 1)[1] for ins in dockerfile.structure if ins["instruction"] == "ARG" and "=" in ins["value"]}
+    args = {
+        ins["value"].split("=", 1)[0]: ins["value"].split("=", 1)[1]
+        for ins in dockerfile.structure
+        if ins["instruction"] == "ARG" and "=" in ins["value"]
+    }
     image = args["PYTORCH_IMAGE"]
     name, tag = image.rsplit(":", 1)
     assert name == "pytorch/pytorch"

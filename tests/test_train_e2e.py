@@ -31,7 +31,7 @@ def test_tiny_run_writes_summary_checkpoints_and_metrics(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     with open(run_dir / "csv" / "metrics.csv") as f:
         columns = next(csv.reader(f))
-    assert {"train/loss_step", "val/loss", "val/loss_depth", "lr-AdamW"} <= set(columns)
+    assert {"train/loss_step", "val/loss", "val/loss_depth", "lr-AdamW/pg1"} <= set(columns)
     assert "run summary (summary.json):" in proc.stdout
     # the synthetic data went to ATTENT_DATA_DIR, outside the run directory
     assert (tmp_path / "data" / "synthetic_smoke" / "meta.json").is_file()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attent_vision.data.folder import MultiModalFolder
@@ -35,24 +36,27 @@ class MultiModalDataModule(pl.LightningDataModule):
         batch_size: Per-device batch size.
         num_workers: DataLoader workers per device.
         pin_memory: Pin host memory (useful on GPUs).
+        seed: Seeds the loaders' own generators, so building a loader never draws from the global RNG (which
+            keeps resumed runs on the same random stream as uninterrupted ones).
     """
 
     def __init__(
-            self,
-            *,
-            root: str,
-            train_dir: str = "train",
-            val_dir: str = "val",
-            synthetic: dict[str, Any] | None = None,
-            modalities: Sequence[str] = ("rgb", "depth", "semseg"),
-            num_classes: int = 133,
-            input_size: int = 224,
-            semseg_stride: int = 4,
-            crop_scale: Sequence[float] = (0.2, 1.0),
-            hflip: float = 0.5,
-            batch_size: int = 32,
-            num_workers: int = 0,
-            pin_memory: bool = False,
+        self,
+        *,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        synthetic: dict[str, Any] | None = None,
+        modalities: Sequence[str] = ("rgb", "depth", "semseg"),
+        num_classes: int = 133,
+        input_size: int = 224,
+        semseg_stride: int = 4,
+        crop_scale: Sequence[float] = (0.2, 1.0),
+        hflip: float = 0.5,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -69,8 +73,11 @@ class MultiModalDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.train_set: MultiModalFolder | None = None
         self.val_set: MultiModalFolder | None = None
+        self.seed = seed
         # Set by the AtteNT teacher; None means plain shuffling over the whole train split.
         self.train_sampler: Sampler[int] | None = None
+        self._train_loader: DataLoader | None = None
+        self._val_loader: DataLoader | None = None
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -102,9 +109,32 @@ class MultiModalDataModule(pl.LightningDataModule):
                 list(self.modalities),
             )
 
+    # -- the AtteNT teacher's datamodule contract ----------------------------------------------------------------
+
+    def train_dataset(self) -> MultiModalFolder:
+        self.setup("fit")
+        return self.train_set
+
+    def set_train_sampler(self, sampler: Sampler[int]) -> None:
+        """Train on ``sampler``'s indices; the teacher mutates it in place between epochs."""
+        self.train_sampler = sampler
+        self._train_loader = None
+
     def scoring_dataset(self, *, train_transform: bool = False) -> Dataset:
         """The train split with evaluation transforms (deterministic), for scoring every training sample."""
         return self._folder(self.train_dir, train_transform=train_transform)
+
+    def sample_labels(self) -> torch.Tensor:
+        """Image-level class of every training sample (int64)."""
+        return torch.as_tensor(self.train_dataset().targets, dtype=torch.int64)
+
+    def train_size(self) -> int:
+        """Number of training samples, without generating or loading anything when it is known in advance."""
+        if self.synthetic is not None:  # exactly what prepare_data() generates or reuses
+            return int(self.synthetic.get("num_train", 512))
+        return len(self.train_dataset())
+
+    # -- loaders -------------------------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
@@ -113,13 +143,21 @@ class MultiModalDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.train_sampler is not None:
-            return self._loader(self.train_set, sampler=self.train_sampler, drop_last=True)
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        # Lightning asks again every epoch (the teacher changes epoch lengths); handing back the same loader keeps
+        # its persistent workers alive. The sampler it holds reads the teacher's current pool on every iteration.
+        if self._train_loader is None:
+            if self.train_sampler is not None:
+                self._train_loader = self._loader(self.train_set, sampler=self.train_sampler, drop_last=True)
+            else:
+                self._train_loader = self._loader(self.train_set, shuffle=True, drop_last=True)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        if self._val_loader is None:
+            self._val_loader = self._loader(self.val_set, shuffle=False)
+        return self._val_loader

@@ -81,7 +81,7 @@ class RunSummary(pl.Callback):
             "train_time_s": round(train_time, 3),
             "samples_seen": samples,
             "optimizer_steps": trainer.global_step,
-            "epochs": trainer.current_epoch + (1 if status == "finished" else 0),
+            "epochs": trainer.current_epoch,  # completed epochs (absolute, so a resumed run counts from 0)
             "train_images_per_s": round(samples / train_time, 2) if samples and train_time else None,
             "final_train_loss": _metric(trainer, "train/loss_epoch"),
             "final_val_loss": _metric(trainer, "val/loss"),
@@ -106,6 +106,8 @@ class RunSummary(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write(trainer, pl_module, "finished")
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self.update(error=f"{type(exception).__name__}: {exception}")
         self.write(trainer, pl_module, "failed")

@@ -16,7 +16,7 @@ def wandb_logged_in() -> bool:
         import wandb
 
         return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001 - any failure to read credentials means "not logged in"
+    except Exception:
         return False
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+def warmup_cosine_lr(
+    step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int
+) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
     Warmup rises linearly to ``base_lr`` over ``warmup_steps`` steps, starting at ``base_lr / warmup_steps``

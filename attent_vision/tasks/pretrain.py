@@ -32,7 +32,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
         net: The MultiMAE network (``attent_vision.models.MultiMAE``).
         losses: Per-output-task per-sample losses; tasks the network does not predict are dropped.
         task_balancer: Weights the per-task losses (``NoTaskBalancer`` or ``UncertaintyTaskBalancer``).
-        optimizer: Partial optimizer taking parameter groups and ``lr``.
+        optimizer: Partial optimizer taking parameter groups and ``lr`` (default AdamW, betas 0.9/0.95).
         weight_decay: Decay for weights; norms, biases, tokens and embeddings are exempt.
         blr: Base learning rate; ``lr = blr * global_batch / 256``.
         min_lr: Learning rate reached at the last optimizer step.
@@ -50,26 +50,26 @@ class MultiMAEPretrainModule(pl.LightningModule):
     """
 
     def __init__(
-            self,
-            *,
-            net: nn.Module,
-            losses: Mapping[str, nn.Module],
-            task_balancer: nn.Module,
-            optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, betas=(0.9, 0.95)),
-            weight_decay: float = 0.05,
-            blr: float = 1e-4,
-            min_lr: float = 0.0,
-            warmup_epochs: float = 40,
-            warmup_steps: int | None = None,
-            num_encoded_tokens: int = 98,
-            alphas: float | Sequence[float] = 1.0,
-            sample_tasks_uniformly: bool = False,
-            tie_break_noise: bool = True,
-            standardize_depth: bool = True,
-            loss_on_unmasked: bool = False,
-            fp32_output_adapters: Iterable[str] = ("semseg",),
-            compile: bool = False,
-            val_mask_seed: int = 1_000_003,
+        self,
+        *,
+        net: nn.Module,
+        losses: Mapping[str, nn.Module],
+        task_balancer: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        weight_decay: float = 0.05,
+        blr: float = 1e-4,
+        min_lr: float = 0.0,
+        warmup_epochs: float = 40,
+        warmup_steps: int | None = None,
+        num_encoded_tokens: int = 98,
+        alphas: float | Sequence[float] = 1.0,
+        sample_tasks_uniformly: bool = False,
+        tie_break_noise: bool = True,
+        standardize_depth: bool = True,
+        loss_on_unmasked: bool = False,
+        fp32_output_adapters: Iterable[str] = ("semseg",),
+        compile: bool = False,
+        val_mask_seed: int = 1_000_003,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "losses", "task_balancer", "optimizer"], logger=False)
@@ -80,7 +80,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
         if missing:
             raise ValueError(f"model.losses has no loss for the output task(s) {missing}")
         self.task_balancer = task_balancer
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.95))
         self.weight_decay = weight_decay
         self.blr, self.min_lr = blr, min_lr
         self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
@@ -109,7 +109,9 @@ class MultiMAEPretrainModule(pl.LightningModule):
             inputs["depth"] = truncated_depth_standardize(batch["depth"].float())
         return inputs
 
-    def sample_losses(self, batch: Mapping[str, Tensor], *, mask_seeds: Tensor | None = None) -> dict[str, SampleLoss]:
+    def sample_losses(
+        self, batch: Mapping[str, Tensor], *, mask_seeds: Tensor | None = None
+    ) -> dict[str, SampleLoss]:
         """Masked forward pass; returns each output task's per-sample loss ``{task: SampleLoss((B,), (B,))}``."""
         targets = {**batch, **self.prepare_inputs(batch)}
         preds, masks = self.net(
@@ -134,8 +136,13 @@ class MultiMAEPretrainModule(pl.LightningModule):
         return torch.stack([loss.value for loss in losses.values()]).sum(0)
 
     @torch.no_grad()
-    def score_batch(self, batch: Mapping[str, Tensor], *, mask_seeds: Tensor | None = None) -> Tensor:
-        """Forward-only per-sample scores (B,), float32, for a scoring pass over the training set."""
+    def score_batch(self, batch: Mapping[str, Tensor], *, seed: int | None = None) -> Tensor:
+        """Forward-only per-sample scores (B,), float32, for the teacher's scoring pass.
+
+        With ``seed`` set, sample i's masks come from ``seed + index[i]``: its score does not depend on the batch
+        it lands in, the rank that scores it, or the global RNG.
+        """
+        mask_seeds = None if seed is None else batch["index"].cpu() + seed
         return self.sample_score(self.sample_losses(batch, mask_seeds=mask_seeds)).float()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -156,18 +163,41 @@ class MultiMAEPretrainModule(pl.LightningModule):
         batch_size = batch["index"].shape[0]
         self.samples_seen += batch_size * self.trainer.world_size
         # The logged loss is the unweighted sum, as in the reference; backward uses the balanced one.
-        self.log("train/loss", torch.stack(list(task_losses.values())).sum(), on_step=True, on_epoch=True,
-                 prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log(
+            "train/loss",
+            torch.stack(list(task_losses.values())).sum(),
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=True,
+        )
         for task, value in task_losses.items():
-            self.log(f"train/loss_{task}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        return {"loss": loss, "sample_loss": self.sample_score(losses).detach().float(), "index": batch["index"]}
+            self.log(
+                f"train/loss_{task}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
+        return {
+            "loss": loss,
+            "sample_loss": self.sample_score(losses).detach().float(),
+            "index": batch["index"],
+        }
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        losses = self.sample_losses(batch, mask_seeds=batch["index"] + self.val_mask_seed)
+        losses = self.sample_losses(batch, mask_seeds=batch["index"].cpu() + self.val_mask_seed)
         task_losses = {task: reduce_batch(loss) for task, loss in losses.items()}
         batch_size = batch["index"].shape[0]
-        self.log("val/loss", torch.stack(list(task_losses.values())).sum(), prog_bar=True, batch_size=batch_size,
-                 sync_dist=True)
+        self.log(
+            "val/loss",
+            torch.stack(list(task_losses.values())).sum(),
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=True,
+        )
         for task, value in task_losses.items():
             self.log(f"val/loss_{task}", value, batch_size=batch_size, sync_dist=True)
 
@@ -192,7 +222,9 @@ class MultiMAEPretrainModule(pl.LightningModule):
             total = int(self.trainer.estimated_stepping_batches)
         per_epoch = self.steps_per_full_epoch
         if per_epoch is None:
-            per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs))
+            per_epoch = max(
+                1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs)
+            )
         return max(1, total), per_epoch
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -205,8 +237,14 @@ class MultiMAEPretrainModule(pl.LightningModule):
         optimizer = self.optimizer_factory(groups, lr=lr)
         total, per_epoch = self.planned_steps()
         warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * per_epoch)
-        log.info("optimizer: lr %.3g (blr %.3g x batch %d / 256), %d steps, %d warmup",
-                 lr, self.blr, self.global_batch_size(), total, warmup)
+        log.info(
+            "optimizer: lr %.3g (blr %.3g x batch %d / 256), %d steps, %d warmup",
+            lr,
+            self.blr,
+            self.global_batch_size(),
+            total,
+            warmup,
+        )
         lr_lambda = partial(_relative_lr, min_ratio=self.min_lr / lr, warmup_steps=warmup, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -222,4 +260,6 @@ class MultiMAEPretrainModule(pl.LightningModule):
 
 
 def _relative_lr(step: int, *, min_ratio: float, warmup_steps: int, total_steps: int) -> float:
-    return warmup_cosine_lr(step, base_lr=1.0, min_lr=min_ratio, warmup_steps=warmup_steps, total_steps=total_steps)
+    return warmup_cosine_lr(
+        step, base_lr=1.0, min_lr=min_ratio, warmup_steps=warmup_steps, total_steps=total_steps
+    )

@@ -1,0 +1,73 @@
+"""MultiMAE model package: adapters, masking, encoder, decoders, losses, balancers and checkpoint I/O.
+
+Nothing here imports Lightning; the task modules in ``attent_vision.tasks`` own training logic.
+"""
+
+from attent_vision.models.checkpoint import (
+    load_multimae_weights,
+    multimae_to_timm_vit,
+    normalize_state_dict,
+    timm_vit_to_multimae,
+)
+from attent_vision.models.input_adapters import PatchedInputAdapter, SemSegInputAdapter
+from attent_vision.models.losses import (
+    MaskedCrossEntropyLoss,
+    MaskedL1Loss,
+    MaskedMSELoss,
+    SampleLoss,
+    reduce_batch,
+    truncated_depth_standardize,
+    upsample_token_mask,
+)
+from attent_vision.models.masking import (
+    TokenMasks,
+    expand_alphas,
+    generate_random_masks,
+    ids_from_task_masks,
+    sample_task_shares,
+)
+from attent_vision.models.multimae import (
+    DOMAINS,
+    MODEL_SIZES,
+    EncoderOutput,
+    MultiMAE,
+    build_pretrain_multimae,
+)
+from attent_vision.models.output_adapters import CrossAttention, InputInfo, SpatialOutputAdapter, TaskTokens
+from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_to_tokens, resize_pos_embed
+from attent_vision.models.task_balancing import NoTaskBalancer, UncertaintyTaskBalancer
+
+__all__ = [
+    "DOMAINS",
+    "MODEL_SIZES",
+    "CrossAttention",
+    "EncoderOutput",
+    "InputInfo",
+    "MaskedCrossEntropyLoss",
+    "MaskedL1Loss",
+    "MaskedMSELoss",
+    "MultiMAE",
+    "NoTaskBalancer",
+    "PatchedInputAdapter",
+    "SampleLoss",
+    "SemSegInputAdapter",
+    "SpatialOutputAdapter",
+    "TaskTokens",
+    "TokenMasks",
+    "UncertaintyTaskBalancer",
+    "build_2d_sincos_pos_embed",
+    "build_pretrain_multimae",
+    "expand_alphas",
+    "generate_random_masks",
+    "ids_from_task_masks",
+    "load_multimae_weights",
+    "multimae_to_timm_vit",
+    "normalize_state_dict",
+    "pos_embed_to_tokens",
+    "reduce_batch",
+    "resize_pos_embed",
+    "sample_task_shares",
+    "timm_vit_to_multimae",
+    "truncated_depth_standardize",
+    "upsample_token_mask",
+]

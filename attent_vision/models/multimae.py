@@ -1,0 +1,470 @@
+"""MultiMAE: multi-modal multi-task masked autoencoder (reference §1.1, 1.2, 1.4) and its Hydra builder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from attent_vision.models.input_adapters import PatchedInputAdapter, SemSegInputAdapter
+from attent_vision.models.masking import Alphas, TokenMasks, generate_random_masks, ids_from_task_masks
+from attent_vision.models.output_adapters import (
+    InputInfo,
+    SpatialOutputAdapter,
+    TaskTokens,
+    default_norm_layer,
+)
+
+__all__ = ["DOMAINS", "MODEL_SIZES", "EncoderOutput", "MultiMAE", "build_pretrain_multimae"]
+
+
+class EncoderOutput(NamedTuple):
+    """Result of :meth:`MultiMAE.forward_features`.
+
+    Attributes:
+        tokens: Encoder output [B, num_encoded + G, D]; global tokens last.
+        input_info: Token layout of the full multi-task sequence.
+        masks: Task masks (1 = masked), ids_keep and ids_restore.
+    """
+
+    tokens: Tensor
+    input_info: InputInfo
+    masks: TokenMasks
+
+
+class MultiMAE(nn.Module):
+    """Multi-modal masked autoencoder: input adapters → masked ViT encoder → per-task output adapters.
+
+    Tokens of the input tasks are concatenated in the order of ``input_adapters`` (never a set, A18), a subset
+    is kept by Dirichlet masking, global tokens are appended after them without positional embedding, and a
+    plain stack of pre-norm blocks (no final norm) encodes them.
+
+    Args:
+        input_adapters: {task: adapter} with the ``init(dim_tokens)`` protocol.
+        output_adapters: {task: adapter} with the ``init(dim_tokens_enc)`` protocol, or None.
+        num_global_tokens: Number of learned global tokens G.
+        dim_tokens: Encoder width D.
+        depth: Number of encoder blocks.
+        num_heads: Attention heads.
+        mlp_ratio: MLP hidden ratio.
+        qkv_bias: Bias on the qkv projection.
+        drop_rate: Dropout after attention and MLP.
+        attn_drop_rate: Attention-probability dropout.
+        drop_path_rate: Stochastic depth of the last block (linear ramp from 0).
+        norm_layer: Normalisation layer factory.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_adapters: Mapping[str, nn.Module],
+        output_adapters: Mapping[str, nn.Module] | None = None,
+        num_global_tokens: int = 1,
+        dim_tokens: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: type[nn.Module] | partial = default_norm_layer,
+    ) -> None:
+        super().__init__()
+        if not input_adapters:
+            raise ValueError("MultiMAE needs at least one input adapter")
+        # 1. Adapters create their width-dependent parameters.
+        for task, adapter in input_adapters.items():
+            adapter.init(dim_tokens=dim_tokens)
+            if getattr(adapter, "modality", "") is None:
+                adapter.modality = task
+        self.input_adapters = nn.ModuleDict(input_adapters)
+        if output_adapters is not None:
+            for adapter in output_adapters.values():
+                adapter.init(dim_tokens_enc=dim_tokens)
+            self.output_adapters = nn.ModuleDict(output_adapters)
+        else:
+            self.output_adapters = None
+
+        # 2. Global tokens, trunc-normal.
+        self.num_global_tokens = num_global_tokens
+        self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
+        trunc_normal_(self.global_tokens, std=0.02)
+
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.encoder = nn.Sequential(
+            *[
+                Block(
+                    dim=dim_tokens,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.dim_tokens = dim_tokens
+        self.init_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    @staticmethod
+    def _init_linear_and_norm(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        """Reference init (§1.2) after the adapters' own init: xavier Linears with zero bias (all of them, heads
+        included, Q3), LayerNorm 1/0, Q·K·V-aware bounds for ``qkv``/``kv`` and xavier patch convolutions."""
+        self.apply(self._init_linear_and_norm)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if "qkv" in name:  # Q, K and V as separate matrices
+                    bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                elif "kv" in name:  # K and V as separate matrices
+                    bound = math.sqrt(6.0 / float(m.weight.shape[0] // 2 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+            elif isinstance(m, nn.Conv2d) and ".proj" in name:  # patch projection initialised like a Linear
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters exempt from weight decay (all exist in ``named_parameters()``)."""
+        names = {"global_tokens"}
+        groups = [("input_adapters", self.input_adapters), ("output_adapters", self.output_adapters or {})]
+        for prefix, adapters in groups:
+            for task, adapter in adapters.items():
+                if hasattr(adapter, "no_weight_decay"):
+                    names |= {f"{prefix}.{task}.{n}" for n in adapter.no_weight_decay()}
+        existing = dict(self.named_parameters())
+        return {n for n in names if n in existing}
+
+    def get_num_layers(self) -> int:
+        """Number of encoder blocks."""
+        return len(self.encoder)
+
+    # ------------------------------------------------------------------ forward steps
+    def infer_image_size(self, x: Mapping[str, Tensor]) -> tuple[int, int]:
+        """Full image size from rgb, else from semseg × stride, else from the first input × its stride."""
+        if "rgb" in x:
+            return tuple(x["rgb"].shape[-2:])
+        task = "semseg" if "semseg" in x and "semseg" in self.input_adapters else next(iter(x))
+        stride = getattr(self.input_adapters[task], "stride_level", 1)
+        h, w = x[task].shape[-2:]
+        return h * stride, w * stride
+
+    def tokenize(self, x: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], tuple[int, int]]:
+        """Runs the input adapters of the tasks present in x, in adapter order.
+
+        Returns:
+            {task: tokens [B, N_t, D]} and the full image size (H, W).
+        """
+        present = {t: x[t] for t in self.input_adapters if t in x}
+        if not present:
+            raise ValueError(
+                f"none of the input modalities {list(self.input_adapters)} is in the input (got {list(x)})"
+            )
+        image_size = self.infer_image_size(present)
+        tokens = {}
+        for task, tensor in present.items():
+            adapter = self.input_adapters[task]
+            stride = getattr(adapter, "stride_level", 1)
+            expected = (image_size[0] // stride, image_size[1] // stride)
+            if image_size[0] % stride or image_size[1] % stride or tuple(tensor.shape[-2:]) != expected:
+                raise ValueError(
+                    f"{task}: expected spatial size {expected[0]}x{expected[1]} (image {image_size[0]}x"
+                    f"{image_size[1]}, stride {stride}), got {tensor.shape[-2]}x{tensor.shape[-1]}"
+                )
+            tokens[task] = adapter(tensor)  # [B, N_t, D]
+        return tokens, image_size
+
+    def build_input_info(self, tokens: Mapping[str, Tensor], image_size: tuple[int, int]) -> InputInfo:
+        """Records where each task's tokens sit in the concatenated sequence."""
+        tasks, start = {}, 0
+        for task, t in tokens.items():
+            tasks[task] = TaskTokens(num_tokens=t.shape[1], start_idx=start, end_idx=start + t.shape[1])
+            start += t.shape[1]
+        return InputInfo(
+            tasks=tasks,
+            image_size=(int(image_size[0]), int(image_size[1])),
+            num_task_tokens=start,
+            num_global_tokens=self.num_global_tokens,
+        )
+
+    def sample_masks(
+        self,
+        tokens: Mapping[str, Tensor],
+        *,
+        mask_inputs: bool,
+        task_masks: Mapping[str, Tensor] | None,
+        num_encoded_tokens: int,
+        alphas: Alphas,
+        sample_tasks_uniformly: bool,
+        tie_break_noise: bool,
+        mask_seeds: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> TokenMasks:
+        """User masks, Dirichlet masks, or (mask_inputs=False) all tokens in index order."""
+        counts = {t: v.shape[1] for t, v in tokens.items()}
+        first = next(iter(tokens.values()))
+        batch, device = first.shape[0], first.device
+        if task_masks is not None:
+            return ids_from_task_masks({t: m.to(device) for t, m in task_masks.items()}, counts)
+        if not mask_inputs:
+            total = sum(counts.values())
+            ids = torch.arange(total, device=device).expand(batch, total)
+            zeros = {t: torch.zeros(batch, n, dtype=torch.long, device=device) for t, n in counts.items()}
+            return TokenMasks(zeros, ids, ids)
+        return generate_random_masks(
+            counts,
+            batch_size=batch,
+            num_encoded_tokens=num_encoded_tokens,
+            alphas=alphas,
+            sample_tasks_uniformly=sample_tasks_uniformly,
+            tie_break_noise=tie_break_noise,
+            mask_seeds=mask_seeds,
+            generator=generator,
+            device=device,
+        )
+
+    def encode(self, tokens: Mapping[str, Tensor], ids_keep: Tensor) -> Tensor:
+        """Gathers the visible tokens, appends the global tokens and runs the encoder → [B, n + G, D]."""
+        x = torch.cat(list(tokens.values()), dim=1)  # [B, N_total, D]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n, D]
+        global_tokens = self.global_tokens.expand(x.shape[0], -1, -1)  # [B, G, D]
+        return self.encoder(torch.cat([x, global_tokens], dim=1))
+
+    def decode(
+        self,
+        encoder_tokens: Tensor,
+        input_info: InputInfo,
+        masks: TokenMasks,
+        fp32_output_adapters: Sequence[str],
+    ) -> dict[str, Tensor]:
+        """Runs every output adapter; those in ``fp32_output_adapters`` with autocast off on fp32 tokens."""
+        preds = {}
+        for task, adapter in (self.output_adapters or {}).items():
+            if task in fp32_output_adapters:
+                with torch.autocast(device_type=encoder_tokens.device.type, enabled=False):
+                    preds[task] = adapter(
+                        encoder_tokens.float(), input_info, masks.ids_keep, masks.ids_restore
+                    )
+            else:
+                preds[task] = adapter(encoder_tokens, input_info, masks.ids_keep, masks.ids_restore)
+        return preds
+
+    def forward_features(
+        self,
+        x: Mapping[str, Tensor] | Tensor,
+        *,
+        mask_inputs: bool = True,
+        task_masks: Mapping[str, Tensor] | None = None,
+        num_encoded_tokens: int = 128,
+        alphas: Alphas = 1.0,
+        sample_tasks_uniformly: bool = False,
+        tie_break_noise: bool = True,
+        mask_seeds: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EncoderOutput:
+        """Tokenise, mask and encode (see :meth:`forward` for the arguments)."""
+        x = {"rgb": x} if isinstance(x, Tensor) else x
+        tokens, image_size = self.tokenize(x)
+        input_info = self.build_input_info(tokens, image_size)
+        if mask_inputs and task_masks is None and not 1 <= num_encoded_tokens <= input_info.num_task_tokens:
+            raise ValueError(
+                f"num_encoded_tokens must be in [1, {input_info.num_task_tokens}] (the total number of input "
+                f"tokens), got {num_encoded_tokens}"
+            )
+        masks = self.sample_masks(
+            tokens,
+            mask_inputs=mask_inputs,
+            task_masks=task_masks,
+            num_encoded_tokens=num_encoded_tokens,
+            alphas=alphas,
+            sample_tasks_uniformly=sample_tasks_uniformly,
+            tie_break_noise=tie_break_noise,
+            mask_seeds=mask_seeds,
+            generator=generator,
+        )
+        return EncoderOutput(self.encode(tokens, masks.ids_keep), input_info, masks)
+
+    def forward(
+        self,
+        x: Mapping[str, Tensor] | Tensor,
+        *,
+        mask_inputs: bool = True,
+        task_masks: Mapping[str, Tensor] | None = None,
+        num_encoded_tokens: int = 128,
+        alphas: Alphas = 1.0,
+        sample_tasks_uniformly: bool = False,
+        tie_break_noise: bool = True,
+        mask_seeds: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        fp32_output_adapters: Sequence[str] = (),
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Masked multi-task reconstruction.
+
+        Args:
+            x: {task: tensor}; rgb/depth (B, C, H, W), semseg (B, H/stride, W/stride) int64. Tasks without an
+                input adapter are ignored; any non-empty subset of the input tasks works. A bare tensor is rgb.
+            mask_inputs: Mask tokens (False encodes every token).
+            task_masks: Optional {task: (B, N_t)} masks (1 = masked) with the same visible count per sample.
+            num_encoded_tokens: Visible tokens per sample.
+            alphas: Dirichlet concentration (float, int or one per present input task).
+            sample_tasks_uniformly: Pick a random non-empty task subset per sample before the Dirichlet draw.
+            tie_break_noise: Random rounding tie-break ([E]); False gives the [F]/[A] variant.
+            mask_seeds: Optional int64 (B,) per-sample mask seeds (reproducible scoring).
+            generator: Optional generator for the masks.
+            fp32_output_adapters: Output tasks decoded with autocast disabled on fp32 encoder tokens.
+
+        Returns:
+            ({task: prediction (B, C, H/stride, W/stride)}, {task: mask (B, N_t), 1 = masked}).
+        """
+        features = self.forward_features(
+            x,
+            mask_inputs=mask_inputs,
+            task_masks=task_masks,
+            num_encoded_tokens=num_encoded_tokens,
+            alphas=alphas,
+            sample_tasks_uniformly=sample_tasks_uniformly,
+            tie_break_noise=tie_break_noise,
+            mask_seeds=mask_seeds,
+            generator=generator,
+        )
+        preds = self.decode(features.tokens, features.input_info, features.masks, fp32_output_adapters)
+        return preds, features.masks.task_masks
+
+
+# ---------------------------------------------------------------------- builder
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "micro": {"dim_tokens": 128, "depth": 4, "num_heads": 4},
+    "tiny": {"dim_tokens": 192, "depth": 12, "num_heads": 3},
+    "small": {"dim_tokens": 384, "depth": 12, "num_heads": 6},
+    "base": {"dim_tokens": 768, "depth": 12, "num_heads": 12},
+    "large": {"dim_tokens": 1024, "depth": 24, "num_heads": 16},
+}
+
+# Domain table (reference §2.1): rgb and depth are patched maps at stride 1 (3 and 1 channels); semseg is a
+# label map at ``semseg_stride`` with a 64-d class embedding in and ``semseg_num_classes`` logits out.
+DOMAINS: tuple[str, ...] = ("rgb", "depth", "semseg")
+_DENSE_CHANNELS: dict[str, int] = {"rgb": 3, "depth": 1}
+
+
+def _check_domains(kind: str, domains: Sequence[str]) -> list[str]:
+    domains = list(domains)
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown}; allowed: {list(DOMAINS)}")
+    if not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"{kind} must be a non-empty list of distinct domains, got {domains}")
+    return domains
+
+
+def build_pretrain_multimae(
+    *,
+    size: str = "base",
+    in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
+    out_domains: Sequence[str] = ("rgb", "depth", "semseg"),
+    image_size: int = 224,
+    patch_size: int = 16,
+    semseg_num_classes: int = 133,
+    semseg_stride: int = 4,
+    decoder_dim: int = 256,
+    decoder_depth: int = 2,
+    decoder_num_heads: int = 8,
+    extra_norm_pix_loss: bool = True,
+    num_global_tokens: int = 1,
+    drop_path_rate: float = 0.0,
+    learnable_pos_emb: bool = False,
+) -> MultiMAE:
+    """Builds the MultiMAE pretraining model (reference ``pretrain_multimae_base/large`` + domain table).
+
+    Sizes: micro (128/4/4), tiny (192/12/3), small (384/12/6), base (768/12/12), large (1024/24/16); all with
+    mlp_ratio 4, qkv_bias and LayerNorm eps 1e-6. Only base and large have released MultiMAE weights; micro,
+    tiny and small are additions of this project with no released weights.
+
+    Args:
+        size: Encoder size name, a key of ``MODEL_SIZES``.
+        in_domains: Input modalities (rgb, depth, semseg); their order is the token order.
+        out_domains: Reconstructed modalities.
+        image_size: Default full image size (sets the stored positional-embedding grids).
+        patch_size: Patch size on the full image.
+        semseg_num_classes: Semantic classes (133 for COCO panoptic pseudo labels).
+        semseg_stride: Resolution divisor of the semseg maps.
+        decoder_dim: Width of the output adapters.
+        decoder_depth: Self-attention blocks per output adapter.
+        decoder_num_heads: Heads of the output adapters.
+        extra_norm_pix_loss: Add a ``norm_rgb`` output adapter (rgb queries) for the norm-pix MSE loss.
+        num_global_tokens: Number of global tokens.
+        drop_path_rate: Encoder stochastic depth.
+        learnable_pos_emb: Train the input adapters' positional embeddings.
+
+    Returns:
+        The initialised MultiMAE.
+    """
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; allowed: {list(MODEL_SIZES)}")
+    in_domains = _check_domains("in_domains", in_domains)
+    out_domains = _check_domains("out_domains", out_domains)
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if patch_size % semseg_stride:
+        raise ValueError(f"patch_size {patch_size} is not divisible by semseg_stride {semseg_stride}")
+
+    def input_adapter(domain: str) -> nn.Module:
+        common = dict(patch_size_full=patch_size, image_size=image_size, learnable_pos_emb=learnable_pos_emb)
+        if domain == "semseg":
+            return SemSegInputAdapter(
+                num_classes=semseg_num_classes,
+                stride_level=semseg_stride,
+                dim_class_emb=64,
+                modality=domain,
+                **common,
+            )
+        return PatchedInputAdapter(
+            num_channels=_DENSE_CHANNELS[domain], stride_level=1, modality=domain, **common
+        )
+
+    def output_adapter(domain: str, task: str) -> SpatialOutputAdapter:
+        return SpatialOutputAdapter(
+            num_channels=semseg_num_classes if domain == "semseg" else _DENSE_CHANNELS[domain],
+            stride_level=semseg_stride if domain == "semseg" else 1,
+            patch_size_full=patch_size,
+            dim_tokens=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_num_heads,
+            image_size=image_size,
+            use_task_queries=True,
+            task=task,
+            context_tasks=in_domains,
+            use_xattn=True,
+        )
+
+    outputs = {d: output_adapter(d, d) for d in out_domains}
+    if extra_norm_pix_loss:
+        outputs["norm_rgb"] = output_adapter("rgb", "rgb")
+    return MultiMAE(
+        input_adapters={d: input_adapter(d) for d in in_domains},
+        output_adapters=outputs,
+        num_global_tokens=num_global_tokens,
+        drop_path_rate=drop_path_rate,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        norm_layer=default_norm_layer,
+        **MODEL_SIZES[size],
+    )

@@ -1,0 +1,85 @@
+"""Subset selection strategies over per-sample scores: random, hard (top-k) and soft (Gumbel-top-k).
+
+Every strategy is a pure function of (scores, k, generator) returning int64 indices, so all ranks that share the
+scores and the generator seed select the identical subset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Normalization = Literal["softmax", "sigmoid"]
+
+
+def select_random(scores: Tensor, k: int, *, generator: torch.Generator) -> Tensor:
+    """k indices uniformly without replacement; scores are ignored (only their count matters)."""
+    return torch.randperm(scores.numel(), generator=generator)[:k]
+
+
+def select_hard(scores: Tensor, k: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """The k highest-score (most difficult) samples."""
+    return torch.topk(scores.float(), k, sorted=False).indices
+
+
+def log_weights(scores: Tensor, normalization: Normalization = "softmax") -> Tensor:
+    """Log of the normalised selection weights: log softmax(s) or log sigmoid(s)."""
+    scores = scores.double()
+    if normalization == "softmax":
+        return torch.log_softmax(scores, dim=0)
+    if normalization == "sigmoid":
+        return torch.nn.functional.logsigmoid(scores)
+    raise ValueError(f"selection.normalization: unknown {normalization!r}; allowed: softmax, sigmoid")
+
+
+def gumbel_noise(shape: torch.Size, *, generator: torch.Generator) -> Tensor:
+    """Standard Gumbel(0, 1) noise drawn from ``generator`` (float64 to keep ties negligible at 10^6 samples)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp_min(1e-300)))
+
+
+def select_soft(
+    scores: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    normalization: Normalization = "softmax",
+) -> Tensor:
+    """Gumbel-top-k: k samples without replacement, drawn in proportion to weights ``w^(1/temperature)``.
+
+    The temperature scales the log-weights *before* the Gumbel noise is added (the reference divides after, where
+    it cannot change a ranking). As temperature -> 0 this tends to :func:`select_hard`; as it grows, to
+    :func:`select_random`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"selection.temperature: {temperature} must be > 0")
+    keys = log_weights(scores, normalization) / temperature + gumbel_noise(scores.shape, generator=generator)
+    return torch.topk(keys, k, sorted=False).indices
+
+
+def select(
+    strategy: str,
+    scores: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    normalization: Normalization = "softmax",
+) -> Tensor:
+    """Dispatch on the strategy name; returns sorted int64 indices of the k selected samples."""
+    if not 1 <= k <= scores.numel():
+        raise ValueError(f"k={k} is outside [1, {scores.numel()}]")
+    if strategy == "random":
+        chosen = select_random(scores, k, generator=generator)
+    elif strategy == "hard":
+        chosen = select_hard(scores, k)
+    elif strategy == "soft":
+        chosen = select_soft(
+            scores, k, generator=generator, temperature=temperature, normalization=normalization
+        )
+    else:
+        raise ValueError(f"selection.strategy: unknown {strategy!r}; allowed: random, hard, soft")
+    return chosen.sort().values.to(torch.int64)
