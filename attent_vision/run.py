@@ -100,7 +100,8 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.prepare_data()  # generate the synthetic set once, in this process, before any worker starts
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    callbacks = [teacher, *instantiate_group(cfg.get("callbacks"))]
+    # The teacher goes last so per-epoch timings close before it scores for the next epoch.
+    callbacks = [*instantiate_group(cfg.get("callbacks")), teacher]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

@@ -73,4 +73,7 @@ class IntervalSchedule:
     def __call__(self, cycle: int, total_cycles: int) -> int:
         if self.kind == "fixed":
             return self.initial
-        return self.initial + math.floor((self.max - self.initial) * cycle_progress(cycle, total_cycles))
+        if total_cycles == 1:  # p = 1, as in cycle_progress
+            return self.max
+        # Exact integer floor((max - initial) * c / (T - 1)); the float product can land just below an integer.
+        return self.initial + (self.max - self.initial) * cycle // (total_cycles - 1)

@@ -51,9 +51,11 @@ class ScoreBank:
         return {"scores": self.scores.clone(), "measured_at": self.measured_at.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state["scores"].numel() != len(self):
+        sizes = {state["scores"].numel(), state["measured_at"].numel()}
+        if sizes != {len(self)}:
             raise ValueError(
-                f"checkpoint scores cover {state['scores'].numel()} samples but the training set has {len(self)}"
+                f"checkpoint scores cover {state['scores'].numel()} samples (measured_at "
+                f"{state['measured_at'].numel()}) but the training set has {len(self)}"
             )
         self.scores = state["scores"].float().clone()
         self.measured_at = state["measured_at"].long().clone()

@@ -119,6 +119,7 @@ class AtteNTTeacher(pl.Callback):
         self.scoring_time_s = 0.0
         self.selection_time_s = 0.0
         self._restored: dict[str, Any] | None = None
+        self._scoring_loader: DataLoader | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # planning
@@ -150,6 +151,7 @@ class AtteNTTeacher(pl.Callback):
             return
         self._check_contract(trainer, pl_module)
         self._trainer = trainer
+        self._scoring_loader = None
         datamodule = trainer.datamodule
         dataset_size = len(datamodule.train_dataset())
         self.plan = self.make_plan(
@@ -285,31 +287,8 @@ class AtteNTTeacher(pl.Callback):
     @torch.no_grad()
     def score_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Forward-only pass over the training set, sharded across ranks and all-gathered into the bank."""
-        datamodule = trainer.datamodule
-        if hasattr(datamodule, "scoring_dataset"):
-            dataset = datamodule.scoring_dataset(train_transform=not self.reproducible_scoring)
-        else:
-            dataset = datamodule.train_dataset()
-        world, rank = trainer.world_size, trainer.global_rank
-        shard = torch.arange(rank, len(dataset), world, dtype=torch.int64)
-        per_rank = -(-len(dataset) // world)
-        if (
-            shard.numel() < per_rank
-        ):  # equal shard sizes keep the all_gather shapes equal; repeats rewrite the same score
-            shard = torch.cat([shard, shard[-1:].expand(per_rank - shard.numel())])
-        batch_size = self.scoring_batch_size or 2 * datamodule.batch_size
-        workers = (
-            self.scoring_num_workers
-            if self.scoring_num_workers is not None
-            else getattr(datamodule, "num_workers", 0)
-        )
-        loader = DataLoader(
-            Subset(dataset, shard.tolist()),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
-        )
+        loader = self._scoring_loader or self._build_scoring_loader(trainer)
+        self._scoring_loader = loader
         seed = self.seed * 7919 + 17 if self.reproducible_scoring else None
         was_training = pl_module.training
         pl_module.eval()
@@ -326,6 +305,33 @@ class AtteNTTeacher(pl.Callback):
         all_indices = pl_module.all_gather(local_indices).reshape(-1)
         all_scores = pl_module.all_gather(local_scores).reshape(-1)
         self.bank.update(all_indices, all_scores, step=trainer.global_step)
+
+    def _build_scoring_loader(self, trainer: pl.Trainer) -> DataLoader:
+        """This rank's shard of the training set, built once: persistent workers survive between passes."""
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "scoring_dataset"):
+            dataset = datamodule.scoring_dataset(train_transform=not self.reproducible_scoring)
+        else:
+            dataset = datamodule.train_dataset()
+        world, rank = trainer.world_size, trainer.global_rank
+        shard = torch.arange(rank, len(dataset), world, dtype=torch.int64)
+        per_rank = -(-len(dataset) // world)
+        if (
+            shard.numel() < per_rank
+        ):  # equal shard sizes keep all_gather shapes equal; a repeat rewrites one score
+            shard = torch.cat([shard, shard[-1:].expand(per_rank - shard.numel())])
+        batch_size = self.scoring_batch_size or 2 * datamodule.batch_size
+        workers = self.scoring_num_workers
+        if workers is None:
+            workers = getattr(datamodule, "num_workers", 0)
+        return DataLoader(
+            Subset(dataset, shard.tolist()),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # observability

@@ -41,6 +41,8 @@ class RunSummary(pl.Callback):
         self.fields: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self._epoch_start = 0.0
+        self._val_start = 0.0
+        self._val_time = 0.0
 
     def update(self, **fields: Any) -> None:
         self.fields.update(fields)
@@ -50,35 +52,43 @@ class RunSummary(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+        self._val_time = 0.0
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.history.append(
-            {
-                "epoch": trainer.current_epoch,
-                "train_loss": _metric(trainer, "train/loss_epoch"),
-                "train_time_s": round(time.perf_counter() - self._epoch_start, 3),
-                "optimizer_steps": trainer.global_step,
-                "samples_seen": getattr(pl_module, "samples_seen", None),
-            }
-        )
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        # Validation runs after the epoch's training part; attach its loss to that epoch's record.
-        if self.history and self.history[-1]["epoch"] == trainer.current_epoch:
-            self.history[-1]["val_loss"] = _metric(trainer, "val/loss")
+        self._val_time += time.perf_counter() - self._val_start
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs before the teacher prepares the next epoch (run.py puts the teacher last), after validation.
+        elapsed = time.perf_counter() - self._epoch_start
+        record = {
+            "epoch": trainer.current_epoch,
+            "train_loss": _metric(trainer, "train/loss_epoch"),
+            "train_time_s": round(elapsed - self._val_time, 3),
+            "optimizer_steps": trainer.global_step,
+            "samples_seen": getattr(pl_module, "samples_seen", None),
+        }
+        if self._val_time:
+            record["val_loss"] = _metric(trainer, "val/loss")
+            record["val_time_s"] = round(self._val_time, 3)
+        self.history.append(record)
 
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
         now = time.perf_counter()
         fit_time = now - self.fit_start if self.fit_start is not None else None
         samples = getattr(pl_module, "samples_seen", None)
         train_time = sum(e["train_time_s"] for e in self.history)
+        val_time = sum(e.get("val_time_s", 0.0) for e in self.history)
         return {
             "status": status,
             "wall_time_s": round(now - self.run_start, 3),
             "fit_time_s": round(fit_time, 3) if fit_time is not None else None,
-            "train_time_s": round(train_time, 3),
+            "train_time_s": round(train_time, 3),  # training batches only: no validation, no scoring
+            "val_time_s": round(val_time, 3),
             "samples_seen": samples,
             "optimizer_steps": trainer.global_step,
             "epochs": trainer.current_epoch,  # completed epochs (absolute, so a resumed run counts from 0)

@@ -1,0 +1,200 @@
+"""The AtteNT teacher driving real Lightning training: model-agnostic use, DDP sharding, LR schedule, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from attent_vision.selection import AtteNTTeacher, IntervalSchedule, RatioSchedule, TeacherSetupError
+from attent_vision.tasks.lr_schedule import warmup_cosine_lr
+from tests.conftest import read_summary, run_train
+from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor
+
+
+def make_teacher(tmp_path: Path, **kwargs) -> AtteNTTeacher:
+    defaults = dict(
+        strategy="hard",
+        ratio=RatioSchedule(kind="incremental", initial=0.25, final=0.5),
+        interval=IntervalSchedule(kind="fixed", initial=2),
+        total_cycles=2,
+        scoring="full",
+        seed=3,
+        output_dir=str(tmp_path),
+        plot=False,
+    )
+    return AtteNTTeacher(**{**defaults, **kwargs})
+
+
+def toy_trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=kwargs.pop("max_epochs", 7),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        reload_dataloaders_every_n_epochs=1,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def test_teacher_drives_a_non_multimae_module(tmp_path):
+    """Model-agnostic: any module reporting per-sample losses with indices; hard selection takes the noisiest."""
+    torch.manual_seed(0)
+    teacher = make_teacher(tmp_path)
+    recorder = ShardRecorder(str(tmp_path / "shards"))
+    trainer = toy_trainer(tmp_path, [teacher, recorder])
+    trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=64, batch_size=4))
+
+    # plan: 1 full + cycle 0 (3 epochs: 2 subset, 1 full) + cycle 1 (3 epochs: 2 subset, 1 full)
+    kinds = [p.kind for p in teacher.plan]
+    assert kinds == ["full", "subset", "subset", "full", "subset", "subset", "full"]
+    records = json.loads((tmp_path / "shards" / "rank0.json").read_text())
+    for record, step in zip(records, teacher.plan, strict=True):
+        assert record["steps"] == step.num_steps
+        assert len(record["seen"]) == step.num_steps * 4
+        assert len(record["pool"]) == step.num_samples
+    # ratio 0.25 then 0.5 of 64 samples
+    assert [e["k"] for e in teacher.history] == [16, 32]
+    # hard top-k on squared error: the selected samples have the highest scores of the bank at that time
+    events = [json.loads(line) for line in (tmp_path / "selection.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events] == [1, 4]
+    assert all(e["selected_score_mean"] > e["all_score_mean"] for e in events)
+    # the hard samples are the noisiest, i.e. the highest indices of NoisyRegression
+    assert records[1]["pool"] == list(range(48, 64))
+    assert records[4]["pool"] == list(range(32, 64))
+    assert set(events[0]["class_histogram"]) <= {"0", "1", "2", "3"}
+    assert sum(events[0]["class_histogram"].values()) == 16
+
+
+def test_online_scoring_reuses_training_losses_without_a_scoring_pass(tmp_path):
+    teacher = make_teacher(tmp_path, scoring="online")
+    trainer = toy_trainer(tmp_path, [teacher])
+    module = ToyRegressor()
+    calls = []
+    original = module.score_batch
+    module.score_batch = lambda *a, **k: calls.append(1) or original(*a, **k)
+    trainer.fit(module, datamodule=ToyDataModule(num_samples=64, batch_size=4))
+    assert calls == []
+    assert teacher.bank.coverage() == 1.0  # the initial full epoch scored every sample
+    assert len(teacher.history) == 2
+
+
+def test_teacher_refuses_a_trainer_that_would_rewrap_its_sampler(tmp_path):
+    teacher = make_teacher(tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=7,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[teacher],
+    )
+    with pytest.raises(
+        TeacherSetupError, match="use_distributed_sampler must be false.*reload_dataloaders_every_n_epochs"
+    ):
+        trainer.fit(ToyRegressor(), datamodule=ToyDataModule())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path):
+    """gloo DDP with 2 CPU processes: same subset on both ranks, disjoint equal shards covering it, same steps."""
+    teacher = make_teacher(tmp_path, strategy="soft", seed=5)
+    recorder = ShardRecorder(str(tmp_path / "shards"))
+    trainer = toy_trainer(tmp_path, [teacher, recorder], devices=2, strategy="ddp_spawn")
+    trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=66, batch_size=4))
+    ranks = [json.loads((tmp_path / "shards" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 7
+    for r0, r1 in zip(*ranks, strict=True):
+        assert r0["pool"] == r1["pool"], f"epoch {r0['epoch']}: ranks hold different subsets"
+        assert r0["len"] == r1["len"] and r0["steps"] == r1["steps"]
+        assert not set(r0["shard"]) & set(r1["shard"])
+        union = set(r0["shard"]) | set(r1["shard"])
+        if len(r0["pool"]) % 2 == 0:
+            assert union == set(r0["pool"])
+        else:  # a full epoch over 66 samples on 2 ranks: nothing dropped, 66 is even
+            assert len(set(r0["pool"]) - union) < 2
+    subset_epochs = [r for r in ranks[0] if len(r["pool"]) < 66]
+    assert [len(r["pool"]) for r in subset_epochs] == [
+        16,
+        16,
+        32,
+        32,
+    ]  # k = floor(66 r) rounded to a multiple of 2
+
+
+def lr_per_step(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
+    return [float(r["lr-AdamW/pg1"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+
+
+ATTENT_TINY = [
+    "experiment=smoke",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.max_epochs=6",
+    "selection=soft",
+    "selection.total_cycles=2",
+    "interval=fixed",
+    "interval.initial=2",
+    "ratio.initial=0.35",
+    "ratio.final=0.7",
+    "model.min_lr=1e-5",
+]
+
+
+def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(tmp_path):
+    run_train([*ATTENT_TINY, "hydra.run.dir=run"], cwd=tmp_path)
+    run_dir = tmp_path / "run"
+    summary = read_summary(run_dir)
+    lrs = lr_per_step(run_dir)
+    total = summary["planned_optimizer_steps"]
+    assert summary["optimizer_steps"] == total == len(lrs)
+    base_lr = 1.5e-3 * 8 / 256
+    warmup = 6  # one full epoch of 48 / 8 steps
+    expected = [
+        warmup_cosine_lr(i, base_lr=base_lr, min_lr=1e-5, warmup_steps=warmup, total_steps=total)
+        for i in range(total)
+    ]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+    assert lrs[-1] == pytest.approx(1e-5)
+    assert len(set(lrs[warmup:])) == total - warmup  # no schedule position used twice (A5)
+
+
+@pytest.mark.slow
+def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path):
+    common = [
+        *ATTENT_TINY,
+        "trainer.deterministic=true",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=null",
+    ]
+    run_train([*common, "hydra.run.dir=full"], cwd=tmp_path)
+    checkpoint = tmp_path / "full" / "checkpoints" / "epoch_002.ckpt"
+    assert checkpoint.is_file()
+    run_train([*common, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
+
+    def events(run: str) -> list[dict]:
+        lines = (tmp_path / run / "selection.jsonl").read_text().splitlines()
+        drop = {"scoring_time_s", "selection_time_s"}
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+
+    uninterrupted = [e for e in events("full") if e["epoch"] > 2]
+    assert uninterrupted and events("resumed") == uninterrupted
+    full_hist = {h["epoch"]: h for h in read_summary(tmp_path / "full")["history"]}
+    resumed = read_summary(tmp_path / "resumed")
+    assert [h["epoch"] for h in resumed["history"]] == [3, 4, 5]
+    for h in resumed["history"]:
+        assert h["train_loss"] == pytest.approx(full_hist[h["epoch"]]["train_loss"], rel=1e-6, abs=1e-7)
+        assert h["val_loss"] == pytest.approx(full_hist[h["epoch"]]["val_loss"], rel=1e-6, abs=1e-7)
+    assert resumed["optimizer_steps"] == read_summary(tmp_path / "full")["optimizer_steps"]

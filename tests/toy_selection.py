@@ -1,0 +1,114 @@
+"""A small non-MultiMAE LightningModule and DataModule that meet the AtteNT teacher's contract.
+
+Importable (not a test file) so that ``ddp_spawn`` workers can unpickle them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class NoisyRegression(Dataset):
+    """y = <w, x> + noise whose scale grows with the index: high indices are the hard samples."""
+
+    def __init__(self, num_samples: int = 64, dim: int = 4, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(num_samples, dim, generator=g)
+        w = torch.arange(1, dim + 1, dtype=torch.float32)
+        noise_scale = torch.linspace(0.0, 3.0, num_samples)
+        self.y = self.x @ w + noise_scale * torch.randn(num_samples, generator=g).sign()
+        self.labels = (torch.arange(num_samples) * 4 // num_samples).long()
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[index], "y": self.y[index], "index": torch.tensor(index, dtype=torch.int64)}
+
+
+class ToyDataModule(pl.LightningDataModule):
+    def __init__(self, num_samples: int = 64, batch_size: int = 4) -> None:
+        super().__init__()
+        self.dataset = NoisyRegression(num_samples)
+        self.batch_size = batch_size
+        self.sampler: Sampler[int] | None = None
+        self.num_workers = 0
+
+    def train_dataset(self) -> Dataset:
+        return self.dataset
+
+    def set_train_sampler(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+
+    def sample_labels(self) -> torch.Tensor:
+        return self.dataset.labels
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True)
+
+
+class ToyRegressor(pl.LightningModule):
+    """Linear regression reporting a squared error per sample.
+
+    It starts at the true weights, so each sample's loss is its own noise: the difficulty ranking is known.
+    """
+
+    def __init__(self, dim: int = 4, lr: float = 1e-4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.arange(1, dim + 1, dtype=torch.float32)[None])
+            self.linear.bias.zero_()
+        self.lr = lr
+
+    def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.linear(batch["x"]).squeeze(-1) - batch["y"]) ** 2
+
+    def training_step(self, batch, batch_idx):
+        losses = self.per_sample_loss(batch)
+        return {"loss": losses.mean(), "sample_loss": losses.detach(), "index": batch["index"]}
+
+    @torch.no_grad()
+    def score_batch(self, batch, *, seed=None):
+        return self.per_sample_loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ShardRecorder(pl.Callback):
+    """Writes, per rank and epoch, the teacher's pool, this rank's shard and the steps actually run."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.records: list[dict] = []
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        sampler = trainer.datamodule.sampler
+        self._steps = 0
+        self.records.append(
+            {
+                "epoch": trainer.current_epoch,
+                "pool": sorted(sampler.pool.tolist()),
+                "shard": list(iter(sampler)),
+                "len": len(sampler),
+            }
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._steps += 1
+        self.records[-1]["seen"] = self.records[-1].get("seen", []) + batch["index"].tolist()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.records[-1]["steps"] = self._steps
+
+    def on_fit_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
