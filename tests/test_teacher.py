@@ -99,7 +99,7 @@ def test_teacher_refuses_a_trainer_that_would_rewrap_its_sampler(tmp_path):
         callbacks=[teacher],
     )
     with pytest.raises(
-        TeacherSetupError, match="use_distributed_sampler must be false.*reload_dataloaders_every_n_epochs"
+        TeacherSetupError, match=r"use_distributed_sampler must be false.*reload_dataloaders_every_n_epochs"
     ):
         trainer.fit(ToyRegressor(), datamodule=ToyDataModule())
 
@@ -189,8 +189,13 @@ def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path):
         drop = {"scoring_time_s", "selection_time_s"}
         return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
 
-    uninterrupted = [e for e in events("full") if e["epoch"] > 2]
-    assert uninterrupted and events("resumed") == uninterrupted
+    # The checkpoint may be taken before or after the teacher prepared epoch 3; either way the resumed run
+    # makes exactly the uninterrupted run's later selections (and trains epoch 3 on the same subset, see losses).
+    resumed_events = events("resumed")
+    assert resumed_events, "the resumed run made no selection"
+    first = resumed_events[0]["epoch"]
+    assert first in (3, 4)
+    assert resumed_events == [e for e in events("full") if e["epoch"] >= first]
     full_hist = {h["epoch"]: h for h in read_summary(tmp_path / "full")["history"]}
     resumed = read_summary(tmp_path / "resumed")
     assert [h["epoch"] for h in resumed["history"]] == [3, 4, 5]

@@ -1,0 +1,150 @@
+"""AtteNT from the command line: the printed plan, start-up errors, and the ablation sweep with its report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_summary, run_train
+
+PLAN_KEYS = {"epoch", "kind", "cycle", "ratio", "num_samples", "num_steps", "reselect"}
+
+
+def printed_plan(args: list[str], cwd: Path) -> list[dict]:
+    proc = run_train(["print_plan=true", *args], cwd=cwd)
+    return json.loads(proc.stdout)
+
+
+def test_default_plan_is_incremental_soft_with_every_epoch_accounted_for(tmp_path):
+    plan = printed_plan([], tmp_path)
+    assert not (tmp_path / "data").exists(), "printing the plan must not generate data"
+    assert len(plan) == 100 and all(set(p) == PLAN_KEYS for p in plan)
+    assert [p["epoch"] for p in plan] == list(range(100))
+    assert plan[0] == {
+        "epoch": 0,
+        "kind": "full",
+        "cycle": None,
+        "ratio": 1.0,
+        "num_samples": 256,
+        "num_steps": 8,
+        "reselect": False,
+    }
+    subset = [p for p in plan if p["kind"] == "subset"]
+    assert len(subset) == sum([5, 5, 6, 6, 7, 7, 8, 8, 9, 10])
+    ratios = sorted({round(p["ratio"], 3) for p in subset})
+    assert ratios == [0.2, 0.267, 0.333, 0.4, 0.467, 0.533, 0.6, 0.667, 0.733, 0.8]
+    assert all(p["reselect"] for p in subset)  # soft re-draws before every subset epoch, as the reference
+    assert {p["cycle"] for p in plan if p["cycle"] is not None} == set(range(10))
+
+
+def test_plan_follows_the_chosen_groups(tmp_path):
+    plan = printed_plan(
+        ["selection=hard", "ratio=cosine", "interval=fixed", "trainer.max_epochs=61"], tmp_path
+    )
+    assert len(plan) == 61
+    firsts = [p for p in plan if p["reselect"]]
+    assert len(firsts) == 10  # hard re-selects once per cycle
+    assert [round(p["ratio"], 3) for p in firsts] == [
+        0.2,
+        0.218,
+        0.27,
+        0.35,
+        0.448,
+        0.552,
+        0.65,
+        0.73,
+        0.782,
+        0.8,
+    ]
+    assert sum(p["kind"] == "subset" for p in plan) == 50
+    none = printed_plan(["selection=none"], tmp_path)
+    assert all(p["kind"] == "full" and not p["reselect"] for p in none)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=50", "trainer.max_epochs: 50 epochs cannot hold selection.total_cycles=10"),
+        ("ratio.initial=1.5", "ratio.initial: 1.5 is outside (0, 1]"),
+        ("ratio.final=0.1", "ratio.final: 0.1 is below ratio.initial=0.2"),
+        ("interval.initial=0", "interval.initial: 0 must be >= 1"),
+        ("selection.temperature=0", "selection.temperature: 0 must be > 0"),
+    ],
+)
+def test_invalid_combinations_fail_at_start_up_naming_the_key(tmp_path, override, message):
+    proc = run_train(["print_plan=true", override], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_strategy_lists_the_options(tmp_path):
+    proc = run_train(["selection=greedy"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'selection/greedy'" in proc.stderr
+    assert "soft" in proc.stderr and "hard" in proc.stderr
+
+
+GRID_TINY = [
+    "experiment=smoke",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_epochs=5",
+    "selection.total_cycles=2",
+    "interval.initial=1",
+    "interval.max=2",
+    "validate_before_training=false",
+]
+
+
+@pytest.mark.slow
+def test_ablation_grid_sweep_and_report(tmp_path):
+    """The 12-cell grid plus the full-data baseline as one Hydra multirun, then the Table-3 report."""
+    sweep = tmp_path / "sweep"
+    run_train(
+        [
+            "-m",
+            "selection=none,random,hard,soft",
+            "ratio=cosine,incremental",
+            "interval=fixed,incremental",
+            *GRID_TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 16  # 4 selections x 2 ratios x 2 intervals (none repeats the baseline 4 times)
+    for job in jobs:
+        summary = read_summary(job)
+        assert summary["status"] == "finished"
+        assert summary["selection"]["strategy"] in job.name
+    soft = read_summary(
+        next(
+            j
+            for j in jobs
+            if "selection=soft" in j.name
+            and "ratio=incremental" in j.name
+            and "interval=incremental" in j.name
+        )
+    )
+    assert soft["reselections"] >= 2 and soft["scoring_time_s"] > 0
+    assert (
+        soft["samples_seen"]
+        < read_summary(next(j for j in jobs if "selection=none" in j.name))["samples_seen"]
+    )
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "attent_vision.report", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert "Ratio" in lines[0] and "Selection" in lines[0]
+    assert "full data" in lines[2]
+    assert len(lines) == 2 + 13  # header, separator, baseline + 12 cells
+    assert (sweep / "report.md").is_file() and (sweep / "report.png").stat().st_size > 0
