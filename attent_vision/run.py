@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -87,6 +90,13 @@ def plan_from_config(cfg: DictConfig, teacher: AtteNTTeacher, datamodule: Any) -
         raise ConfigError(str(error)) from None
 
 
+def finish_wandb_run() -> None:
+    """Close an active W&B run so the next job of a multirun starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def run_pretraining(cfg: DictConfig) -> float | None:
     """Pretrain as configured; returns the final validation loss (the metric a sweeper would optimise)."""
     validate_pretrain_config(cfg)
@@ -98,7 +108,7 @@ def run_pretraining(cfg: DictConfig) -> float | None:
         return None
 
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule.prepare_data()  # generate the synthetic set once, in this process, before any worker starts
+    # prepare_data() (generating the synthetic set) is Lightning's job: once per node, before any loader.
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     # The teacher goes last so per-epoch timings close before it scores for the next epoch.
     callbacks = [*instantiate_group(cfg.get("callbacks")), teacher]
@@ -107,22 +117,34 @@ def run_pretraining(cfg: DictConfig) -> float | None:
 
     summary_cb = next((cb for cb in callbacks if isinstance(cb, RunSummary)), None)
     sizes = count_parameters(model.net)
+    if summary_cb is not None:
+        summary_cb.update(**sizes)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **sizes})
     log.info("model: %s, %.2f M parameters", cfg.model.net.size, sizes["params_total"] / 1e6)
 
-    if cfg.get("validate_before_training") and cfg.get("ckpt_path") is None:
+    # Skipped when resuming, including the automatic resume of a requeued job from its own run directory
+    # (validating first would let the crash-checkpoint callback clean up the very file to resume from).
+    run_dir_has_checkpoints = any(Path(cfg.paths.output_dir, "checkpoints").glob("*.ckpt"))
+    if cfg.get("validate_before_training") and cfg.get("ckpt_path") is None and not run_dir_has_checkpoints:
         initial = trainer.validate(model, datamodule=datamodule, verbose=False)
         if summary_cb is not None and initial:
             summary_cb.update(initial_val_loss=initial[0].get("val/loss"))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with warnings.catch_warnings():
+        # With the crash checkpoint configured, Lightning resumes from the run directory's last checkpoint when
+        # there is one (a requeued job in the same directory) and warns when, as usual, there is none.
+        warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
+        warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available")
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        finally:
+            finish_wandb_run()
 
-    if summary_cb is None or not trainer.is_global_zero:
+    summary_path = Path(cfg.paths.output_dir, "summary.json")
+    if not trainer.is_global_zero or not summary_path.is_file():
         return None
-    checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-    summary_cb.update(checkpoint=checkpoint or None, **sizes, **teacher.summary_fields())
-    summary = summary_cb.write(trainer, model, "finished")
+    summary = json.loads(summary_path.read_text())
     print(format_summary(summary), flush=True)
     value = summary.get("final_val_loss")
     return value if value is not None and math.isfinite(value) else None

@@ -48,7 +48,12 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 def run_train(
-    args: list[str], *, cwd: Path, timeout: int = 300, check: bool = True
+    args: list[str],
+    *,
+    cwd: Path,
+    timeout: int = 300,
+    check: bool = True,
+    env_overrides: dict[str, str | None] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python train.py`` like a user would, with data and outputs inside ``cwd``."""
     env = {
@@ -58,6 +63,11 @@ def run_train(
         "WANDB_MODE": "offline",
         "PYTHONWARNINGS": "ignore",
     }
+    for key, value in (env_overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,

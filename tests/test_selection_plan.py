@@ -328,6 +328,8 @@ def test_plan_totals() -> None:
     assert totals["samples"] == sum(p.num_samples for p in plan)
     assert totals["sample_fraction"] == pytest.approx(totals["samples"] / (1000 * 100))
     assert 0 < totals["sample_fraction"] < 1
+    full_steps = (1000 // 2) // 10
+    assert totals["step_fraction"] == pytest.approx(totals["optimizer_steps"] / (full_steps * 100))
 
     hard = plan_totals(build_plan(max_epochs=100, dataset_size=1000, batch_size=10, strategy="hard"))
     assert hard["reselections"] == 10
@@ -340,6 +342,7 @@ def test_plan_totals() -> None:
         "optimizer_steps": 900,
         "samples": 9000,
         "sample_fraction": 1.0,
+        "step_fraction": 1.0,
     }
 
 

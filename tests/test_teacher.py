@@ -10,7 +10,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from attent_vision.selection import AtteNTTeacher, IntervalSchedule, RatioSchedule, TeacherSetupError
+from attent_vision.selection import (
+    AtteNTTeacher,
+    IntervalSchedule,
+    RatioSchedule,
+    TeacherSetupError,
+    build_plan,
+)
+from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.tasks.lr_schedule import warmup_cosine_lr
 from tests.conftest import read_summary, run_train
 from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor
@@ -105,30 +112,37 @@ def test_teacher_refuses_a_trainer_that_would_rewrap_its_sampler(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path):
+@pytest.mark.parametrize(("scoring", "num_samples"), [("full", 67), ("online", 66)])
+def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path, scoring, num_samples):
     """gloo DDP with 2 CPU processes: same subset on both ranks, disjoint equal shards covering it, same steps."""
-    teacher = make_teacher(tmp_path, strategy="soft", seed=5)
+    teacher = make_teacher(tmp_path, strategy="soft", seed=5, scoring=scoring)
     recorder = ShardRecorder(str(tmp_path / "shards"))
-    trainer = toy_trainer(tmp_path, [teacher, recorder], devices=2, strategy="ddp_spawn")
-    trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=66, batch_size=4))
+    trainer = toy_trainer(
+        tmp_path, [teacher, recorder, SpawnedProcessGroupCleanup()], devices=2, strategy="ddp_spawn"
+    )
+    trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=num_samples, batch_size=4))
+    plan = build_plan(
+        max_epochs=7,
+        dataset_size=num_samples,
+        batch_size=4,
+        world_size=2,
+        strategy="soft",
+        ratio=teacher.ratio,
+        interval=teacher.interval,
+        total_cycles=2,
+    )
     ranks = [json.loads((tmp_path / "shards" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 7
-    for r0, r1 in zip(*ranks, strict=True):
+    for r0, r1, step in zip(*ranks, plan, strict=True):
         assert r0["pool"] == r1["pool"], f"epoch {r0['epoch']}: ranks hold different subsets"
-        assert r0["len"] == r1["len"] and r0["steps"] == r1["steps"]
+        assert r0["len"] == r1["len"] and r0["steps"] == r1["steps"] == step.num_steps
         assert not set(r0["shard"]) & set(r1["shard"])
         union = set(r0["shard"]) | set(r1["shard"])
-        if len(r0["pool"]) % 2 == 0:
-            assert union == set(r0["pool"])
-        else:  # a full epoch over 66 samples on 2 ranks: nothing dropped, 66 is even
-            assert len(set(r0["pool"]) - union) < 2
-    subset_epochs = [r for r in ranks[0] if len(r["pool"]) < 66]
-    assert [len(r["pool"]) for r in subset_epochs] == [
-        16,
-        16,
-        32,
-        32,
-    ]  # k = floor(66 r) rounded to a multiple of 2
+        assert len(union) == len(r0["shard"]) * 2
+        assert len(set(r0["pool"]) - union) == len(r0["pool"]) % 2  # a full epoch over 67 leaves out 1
+    subset_sizes = [len(r["pool"]) for r in ranks[0] if len(r["pool"]) < num_samples]
+    assert subset_sizes == [p.num_samples for p in plan if p.kind == "subset"]
+    assert all(size % 2 == 0 for size in subset_sizes)  # k rounded down to a multiple of the world size
 
 
 def lr_per_step(run_dir: Path) -> list[float]:
@@ -170,6 +184,31 @@ def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(tmp_path):
     assert lrs[-1] == pytest.approx(1e-5)
     assert len(set(lrs[warmup:])) == total - warmup  # no schedule position used twice (A5)
 
+    # observability: one selection.jsonl line per re-selection, the summary fields and the plot
+    events = [json.loads(line) for line in (run_dir / "selection.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events] == [1, 2, 3, 4]  # soft re-draws before every subset epoch
+    for event in events:
+        assert {
+            "cycle",
+            "ratio",
+            "k",
+            "scoring_time_s",
+            "score_min",
+            "score_median",
+            "score_max",
+            "overlap_with_previous",
+            "class_histogram",
+        } <= set(event)
+        assert event["score_min"] <= event["score_median"] <= event["score_max"]
+        assert sum(event["class_histogram"].values()) == event["k"]
+    assert events[0]["overlap_with_previous"] is None and 0 <= events[1]["overlap_with_previous"] <= 1
+    assert [e["k"] for e in events] == [16, 16, 33, 33]  # floor(48 x 0.35), floor(48 x 0.7)
+    assert summary["scoring_time_s"] > 0 and summary["reselections"] == 4
+    assert summary["selection"]["strategy"] == "soft" and summary["selection"]["scoring"] == "full"
+    assert (run_dir / "selection.png").stat().st_size > 10_000
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        assert "teacher/ratio" in next(csv.reader(f))
+
 
 @pytest.mark.slow
 def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path):
@@ -203,3 +242,23 @@ def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path):
         assert h["train_loss"] == pytest.approx(full_hist[h["epoch"]]["train_loss"], rel=1e-6, abs=1e-7)
         assert h["val_loss"] == pytest.approx(full_hist[h["epoch"]]["val_loss"], rel=1e-6, abs=1e-7)
     assert resumed["optimizer_steps"] == read_summary(tmp_path / "full")["optimizer_steps"]
+
+
+def test_datamodule_hands_back_one_loader_whose_length_follows_the_teacher(compose_cfg):
+    """Lightning re-requests the loader every epoch; the same object keeps persistent workers alive."""
+    import hydra
+
+    from attent_vision.selection import SubsetSampler
+
+    cfg = compose_cfg("experiment=smoke")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    sampler = SubsetSampler(len(datamodule.train_dataset()), seed=0)
+    datamodule.set_train_sampler(sampler)
+    loader = datamodule.train_dataloader()
+    assert len(loader) == 48 // 8
+    sampler.set_pool(torch.arange(0, 48, 3, dtype=torch.int64))  # 16 samples
+    assert datamodule.train_dataloader() is loader
+    assert len(loader) == 16 // 8
+    assert sorted(int(i) for b in loader for i in b["index"]) == list(range(0, 48, 3))

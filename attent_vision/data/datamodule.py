@@ -18,6 +18,45 @@ from attent_vision.data.transforms import MultiModalTransform
 log = logging.getLogger(__name__)
 
 
+class EpochTaggedSampler(Sampler):
+    """Yields ``(index, epoch)`` from a sampler that has an ``epoch`` (the teacher's), for seeded augmentation."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        return ((index, epoch) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+class SeededAugmentation(Dataset):
+    """Draws each item's random augmentation from a generator seeded by (seed, epoch, index).
+
+    A sample's crop and flip then depend on neither the loader worker that reads it, nor the rank, nor whether
+    the run was resumed: a resumed run sees exactly the augmentations of an uninterrupted one.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+            return self.dataset[index]
+
+
 class MultiModalDataModule(pl.LightningDataModule):
     """Train/val loaders over ``<root>/<split>/<modality>/<class>/<stem>.<ext>``.
 
@@ -152,7 +191,11 @@ class MultiModalDataModule(pl.LightningDataModule):
         # its persistent workers alive. The sampler it holds reads the teacher's current pool on every iteration.
         if self._train_loader is None:
             if self.train_sampler is not None:
-                self._train_loader = self._loader(self.train_set, sampler=self.train_sampler, drop_last=True)
+                self._train_loader = self._loader(
+                    SeededAugmentation(self.train_set, self.seed),
+                    sampler=EpochTaggedSampler(self.train_sampler),
+                    drop_last=True,
+                )
             else:
                 self._train_loader = self._loader(self.train_set, shuffle=True, drop_last=True)
         return self._train_loader

@@ -154,6 +154,8 @@ def plan_totals(plan: list[EpochPlan]) -> dict[str, int | float]:
     """Totals of a plan: steps, samples, subset epochs, and the sample fraction against full-data training."""
     full_samples = max(p.num_samples for p in plan) * len(plan)
     samples = sum(p.num_samples for p in plan)
+    steps = sum(p.num_steps for p in plan)
+    full_steps = max(p.num_steps for p in plan) * len(plan)
     return {
         "epochs": len(plan),
         "subset_epochs": sum(p.kind == "subset" for p in plan),
@@ -161,4 +163,6 @@ def plan_totals(plan: list[EpochPlan]) -> dict[str, int | float]:
         "optimizer_steps": sum(p.num_steps for p in plan),
         "samples": samples,
         "sample_fraction": samples / full_samples if full_samples else 1.0,
+        # what is actually trained (incomplete batches are dropped), relative to full-data training
+        "step_fraction": steps / full_steps if full_steps else 1.0,
     }

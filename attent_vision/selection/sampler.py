@@ -34,6 +34,7 @@ class SubsetSampler(Sampler[int]):
         self.rank = rank
         self.epoch = 0
         self.pool = torch.arange(num_samples, dtype=torch.int64)
+        self._skip = 0
 
     def set_pool(self, indices: Tensor) -> None:
         """Use ``indices`` (int64 dataset indices) as the pool of the coming epochs."""
@@ -51,6 +52,11 @@ class SubsetSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip_next(self, num_samples: int) -> None:
+        """Leave out the first ``num_samples`` of this rank's shard in the next iteration only (resuming an epoch
+        part-way: the loader length stays the epoch's, as Lightning's batch counters expect)."""
+        self._skip = max(0, num_samples)
+
     def epoch_order(self) -> Tensor:
         """The epoch's global order (identical on every rank), truncated to a multiple of the world size."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -62,7 +68,8 @@ class SubsetSampler(Sampler[int]):
         return self.epoch_order()[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.shard().tolist())
+        skip, self._skip = self._skip, 0
+        return iter(self.shard()[skip:].tolist())
 
     def __len__(self) -> int:
         return self.pool.numel() // self.num_replicas

@@ -45,7 +45,7 @@ class TeacherSetupError(RuntimeError):
 
 def _selection_seed(seed: int, cycle: int, epoch: int) -> int:
     # Every rank derives the same generator from (seed, cycle, epoch); the rank never enters.
-    return (seed * 1_000_003 + cycle) * 10_007 + epoch
+    return ((seed * 1_000_003 + cycle) * 10_007 + epoch) % (2**63 - 1)
 
 
 class AtteNTTeacher(pl.Callback):
@@ -115,6 +115,8 @@ class AtteNTTeacher(pl.Callback):
         self.sampler: SubsetSampler | None = None
         self.subset: Tensor | None = None
         self.prepared_epoch = -1
+        self.last_ended_epoch = -1
+        self._resume_step = 0
         self.history: list[dict[str, Any]] = []
         self.scoring_time_s = 0.0
         self.selection_time_s = 0.0
@@ -139,6 +141,10 @@ class AtteNTTeacher(pl.Callback):
             reselect_every_subset_epoch=self.reselect_every_subset_epoch,
         )
 
+    def _global_step(self, trainer: pl.Trainer) -> int:
+        # During on_fit_start of a resumed run the trainer still reports step 0.
+        return max(trainer.global_step, self._resume_step)
+
     def epoch_at_step(self, global_step: int) -> int:
         """The plan epoch that optimizer step ``global_step`` (0-based) belongs to."""
         return min(bisect.bisect_right(self._step_ends, global_step), len(self.plan) - 1)
@@ -152,6 +158,8 @@ class AtteNTTeacher(pl.Callback):
         self._check_contract(trainer, pl_module)
         self._trainer = trainer
         self._scoring_loader = None
+        self._restored = None  # load_state_dict (called after setup when resuming) fills it
+        self._resume_step = 0
         datamodule = trainer.datamodule
         dataset_size = len(datamodule.train_dataset())
         self.plan = self.make_plan(
@@ -189,6 +197,22 @@ class AtteNTTeacher(pl.Callback):
             problems.append("trainer.reload_dataloaders_every_n_epochs must be 1 (epoch lengths change)")
         if trainer.max_epochs is None or trainer.max_epochs < 1:
             problems.append("trainer.max_epochs must be set: the plan is built from it")
+        # The plan counts one optimizer step per batch over whole epochs; these settings would break that.
+        if trainer.accumulate_grad_batches != 1:
+            problems.append("trainer.accumulate_grad_batches must be 1 (raise data.batch_size instead)")
+        if trainer.limit_train_batches not in (1.0, None) or trainer.overfit_batches:
+            problems.append(
+                "trainer.limit_train_batches / overfit_batches cannot be combined with the teacher"
+            )
+        if trainer.max_steps not in (-1, None):
+            problems.append("trainer.max_steps must be -1: the run length is trainer.max_epochs")
+        if trainer.val_check_interval != 1.0:
+            problems.append("trainer.val_check_interval must be 1.0 (validate at epoch ends)")
+        if trainer.strategy.restore_checkpoint_after_setup:
+            problems.append(
+                f"strategy {type(trainer.strategy).__name__} restores checkpoints after setup, "
+                "after the teacher has prepared its first epoch"
+            )
         datamodule = trainer.datamodule
         for name in ("batch_size", "train_dataset", "set_train_sampler"):
             if datamodule is None or not hasattr(datamodule, name):
@@ -205,12 +229,25 @@ class AtteNTTeacher(pl.Callback):
             raise TeacherSetupError("AtteNT teacher: " + "; ".join(problems))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        restored = self._restored or {}
-        epoch = self.epoch_at_step(int(restored.get("global_step", 0)))
-        if restored.get("prepared_epoch") == epoch:
+        restored = self._restored
+        if restored is None:
+            self.prepare_epoch(trainer, pl_module, 0)
+            return
+        # Lightning restores its loops only after this hook, so the epoch comes from the step count in our state.
+        step = self._resume_step = int(restored["global_step"])
+        epoch = self.epoch_at_step(step)
+        epoch_start = self._step_ends[epoch - 1] if epoch > 0 else 0
+        if epoch > 0 and step == epoch_start and restored["last_ended_epoch"] < epoch - 1:
+            # Saved after epoch e-1's last step but before its epoch-end hooks: Lightning finishes e-1 first,
+            # and our on_train_epoch_end then prepares e exactly as in an uninterrupted run.
+            self._apply_pool(self.prepared_epoch)
+            return
+        if restored["prepared_epoch"] == epoch:
             self._apply_pool(epoch)  # the checkpoint was taken after this epoch's selection
         else:
             self.prepare_epoch(trainer, pl_module, epoch)
+        # Mid-epoch checkpoint: Lightning runs only the remaining batches, so skip the ones already trained.
+        self.sampler.skip_next((step - epoch_start) * trainer.datamodule.batch_size)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -231,6 +268,8 @@ class AtteNTTeacher(pl.Callback):
         self.bank.update(indices, losses, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_ended_epoch = trainer.current_epoch
+        self._resume_step = 0
         next_epoch = trainer.current_epoch + 1
         if next_epoch < len(self.plan):
             self.prepare_epoch(trainer, pl_module, next_epoch)
@@ -304,7 +343,7 @@ class AtteNTTeacher(pl.Callback):
         local_indices, local_scores = torch.cat(indices), torch.cat(scores)
         all_indices = pl_module.all_gather(local_indices).reshape(-1)
         all_scores = pl_module.all_gather(local_scores).reshape(-1)
-        self.bank.update(all_indices, all_scores, step=trainer.global_step)
+        self.bank.update(all_indices, all_scores, step=self._global_step(trainer))
 
     def _build_scoring_loader(self, trainer: pl.Trainer) -> DataLoader:
         """This rank's shard of the training set, built once: persistent workers survive between passes."""
@@ -346,9 +385,9 @@ class AtteNTTeacher(pl.Callback):
         scoring_s: float,
         selection_s: float,
     ) -> None:
-        quantiles = torch.quantile(
-            scores.double(), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-        )
+        ordered = scores.double().sort().values  # torch.quantile refuses more than 2^24 values
+        last = ordered.numel() - 1
+        quantiles = [ordered[round(q * last)] for q in (0.0, 0.25, 0.5, 0.75, 1.0)]
         overlap = None
         if previous is not None:
             overlap = float(torch.isin(previous, chosen).float().mean())
@@ -359,7 +398,7 @@ class AtteNTTeacher(pl.Callback):
             "k": int(chosen.numel()),
             "strategy": self.strategy,
             "scoring": self.scoring if self.strategy != "random" else "none",
-            "global_step": trainer.global_step,
+            "global_step": self._global_step(trainer),
             "scoring_time_s": round(scoring_s, 4),
             "selection_time_s": round(selection_s, 4),
             "score_min": float(quantiles[0]),
@@ -398,7 +437,7 @@ class AtteNTTeacher(pl.Callback):
             k = event["k"]
             metrics.update({f"teacher/class_{c}": n / k for c, n in event["class_histogram"].items()})
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=event["global_step"])
         log.info(
             "teacher: epoch %d cycle %s ratio %.3f k %d, scoring %.2fs, scores %.3g/%.3g/%.3g, overlap %s",
             event["epoch"],
@@ -439,7 +478,7 @@ class AtteNTTeacher(pl.Callback):
             "scoring_time_s": round(self.scoring_time_s, 3),
             "selection_time_s": round(self.selection_time_s, 4),
             "reselections": len(self.history),
-            "planned_sample_fraction": round(totals.get("sample_fraction", 1.0), 4),
+            "planned_sample_fraction": round(totals.get("step_fraction", 1.0), 4),
             "planned_optimizer_steps": totals.get("optimizer_steps"),
         }
 
@@ -451,6 +490,7 @@ class AtteNTTeacher(pl.Callback):
         return {
             "global_step": trainer.global_step if trainer is not None else 0,
             "prepared_epoch": self.prepared_epoch,
+            "last_ended_epoch": self.last_ended_epoch,
             "subset": None if self.subset is None else self.subset.clone(),
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "history": list(self.history),
@@ -474,6 +514,7 @@ class AtteNTTeacher(pl.Callback):
             )
         self._restored = state_dict
         self.prepared_epoch = state_dict["prepared_epoch"]
+        self.last_ended_epoch = state_dict["last_ended_epoch"]
         self.subset = state_dict["subset"]
         if state_dict["bank"] is not None and self.bank is not None:
             self.bank.load_state_dict(state_dict["bank"])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,18 @@ class RunSummary(pl.Callback):
         self._epoch_start = 0.0
         self._val_start = 0.0
         self._val_time = 0.0
+        self._samples_at_start = 0
 
     def update(self, **fields: Any) -> None:
         self.fields.update(fields)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed mid-epoch skips on_train_epoch_start for that epoch; samples_seen is cumulative.
+        self._epoch_start = time.perf_counter()
+        self._samples_at_start = getattr(pl_module, "samples_seen", 0) or 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -81,6 +88,7 @@ class RunSummary(pl.Callback):
         now = time.perf_counter()
         fit_time = now - self.fit_start if self.fit_start is not None else None
         samples = getattr(pl_module, "samples_seen", None)
+        trained_here = (samples or 0) - self._samples_at_start
         train_time = sum(e["train_time_s"] for e in self.history)
         val_time = sum(e.get("val_time_s", 0.0) for e in self.history)
         return {
@@ -92,7 +100,9 @@ class RunSummary(pl.Callback):
             "samples_seen": samples,
             "optimizer_steps": trainer.global_step,
             "epochs": trainer.current_epoch,  # completed epochs (absolute, so a resumed run counts from 0)
-            "train_images_per_s": round(samples / train_time, 2) if samples and train_time else None,
+            "train_images_per_s": round(trained_here / train_time, 2)
+            if trained_here and train_time
+            else None,
             "final_train_loss": _metric(trainer, "train/loss_epoch"),
             "final_val_loss": _metric(trainer, "val/loss"),
             "final_val_losses": {
@@ -114,6 +124,12 @@ class RunSummary(pl.Callback):
         return summary
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Collected here, on rank 0 of the training processes (the launching process of ddp_spawn has none of it).
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "summary_fields"):
+                self.update(**callback.summary_fields())
+        checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+        self.update(checkpoint=checkpoint or None)
         self.write(trainer, pl_module, "finished")
 
     def on_exception(
@@ -121,3 +137,20 @@ class RunSummary(pl.Callback):
     ) -> None:
         self.update(error=f"{type(exception).__name__}: {exception}")
         self.write(trainer, pl_module, "failed")
+
+
+class SpawnedProcessGroupCleanup(pl.Callback):
+    """Destroys the process group at the end of a ``ddp_spawn`` worker.
+
+    Spawned workers exit right after fitting; leaving the gloo group to interpreter shutdown intermittently
+    aborted a worker ("terminate called without an active exception") with torch 2.14. Processes started by
+    ``ddp``/SLURM live on (validate, then fit), so their group is left alone.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _MultiProcessingLauncher) and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -31,4 +31,5 @@ def build_wandb_logger(*, offline: bool | None = None, **kwargs: Any) -> WandbLo
         offline = True
     if offline is None:
         offline = not wandb_logged_in()
-    return WandbLogger(offline=offline, **kwargs)
+    # Lightning's offline flag sets WANDB_MODE=dryrun, which current wandb no longer honours; say it to wandb.init.
+    return WandbLogger(offline=offline, mode="offline" if offline else "online", **kwargs)

@@ -20,7 +20,7 @@ def warmup_cosine_lr(
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     decay_steps = total_steps - 1 - warmup_steps
-    if decay_steps <= 0:
-        return min_lr if step > warmup_steps else base_lr
+    if decay_steps <= 0:  # no room to decay: the last step still lands on min_lr
+        return min_lr if step >= total_steps - 1 else base_lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -153,7 +153,11 @@ class MultiMAEPretrainModule(pl.LightningModule):
         task_losses = {task: reduce_batch(loss) for task, loss in losses.items()}
         weighted = self.task_balancer(task_losses)
         loss = torch.stack(list(weighted.values())).sum()
-        if not torch.isfinite(loss):
+        nonfinite = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            # Decided on every rank together: one rank raising alone would leave the others waiting in all-reduce.
+            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+        if nonfinite:
             detail = ", ".join(f"{t}={v.item():.4g}" for t, v in task_losses.items())
             raise FloatingPointError(
                 f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}): "
