@@ -262,3 +262,21 @@ def test_datamodule_hands_back_one_loader_whose_length_follows_the_teacher(compo
     assert datamodule.train_dataloader() is loader
     assert len(loader) == 16 // 8
     assert sorted(int(i) for b in loader for i in b["index"]) == list(range(0, 48, 3))
+
+
+def test_training_augmentation_is_a_function_of_seed_epoch_and_index(compose_cfg):
+    """Resume- and worker-independent augmentation: same (epoch, index) -> same crop; global RNG untouched."""
+    import hydra
+
+    from attent_vision.data.datamodule import SeededAugmentation
+
+    cfg = compose_cfg("experiment=smoke")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    augmented = SeededAugmentation(datamodule.train_dataset(), seed=0)
+    first, again, next_epoch = augmented[(5, 1)], augmented[(5, 1)], augmented[(5, 2)]
+    assert torch.equal(first["rgb"], again["rgb"]) and torch.equal(first["semseg"], again["semseg"])
+    assert not torch.equal(first["rgb"], next_epoch["rgb"])
+    state = torch.get_rng_state()
+    augmented[(9, 4)]
+    assert torch.equal(state, torch.get_rng_state())

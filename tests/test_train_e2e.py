@@ -50,3 +50,13 @@ def test_resume_from_last_ckpt_continues_the_step_count(tmp_path):
     assert summary["optimizer_steps"] == 18
     assert summary["samples_seen"] == 144
     assert [e["epoch"] for e in summary["history"]] == [2]
+
+
+def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(tmp_path):
+    """A requeued job that lands in its own directory continues instead of starting over."""
+    run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/job"], cwd=tmp_path)
+    run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/job", "trainer.max_epochs=3"], cwd=tmp_path)
+    summary = read_summary(tmp_path / "outputs" / "job")
+    assert summary["optimizer_steps"] == 18
+    assert [e["epoch"] for e in summary["history"]] == [2]
+    assert "initial_val_loss" not in summary  # no pre-fit validation on resume

