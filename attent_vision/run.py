@@ -127,7 +127,13 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     # (validating first would let the crash-checkpoint callback clean up the very file to resume from).
     run_dir_has_checkpoints = any(Path(cfg.paths.output_dir, "checkpoints").glob("*.ckpt"))
     if cfg.get("validate_before_training") and cfg.get("ckpt_path") is None and not run_dir_has_checkpoints:
-        initial = trainer.validate(model, datamodule=datamodule, verbose=False)
+        # Without loggers: their files then start with the fit (Lightning's CSV logger breaks under ddp_spawn
+        # when a second spawn appends to the file the first one wrote); the value goes to summary.json.
+        loggers, trainer.loggers = trainer.loggers, []
+        try:
+            initial = trainer.validate(model, datamodule=datamodule, verbose=False)
+        finally:
+            trainer.loggers = loggers
         if summary_cb is not None and initial:
             summary_cb.update(initial_val_loss=initial[0].get("val/loss"))
 

@@ -148,3 +148,27 @@ def test_ablation_grid_sweep_and_report(tmp_path):
     assert "full data" in lines[2]
     assert len(lines) == 2 + 13  # header, separator, baseline + 12 cells
     assert (sweep / "report.md").is_file() and (sweep / "report.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_multimae_under_two_process_ddp_from_the_cli(tmp_path):
+    """train.py trainer=ddp_cpu: 2 gloo processes, the subset split across them, one summary from rank 0."""
+    run_train(
+        [
+            "experiment=smoke",
+            "trainer=ddp_cpu",
+            "data.batch_size=4",
+            "trainer.enable_progress_bar=false",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    summary = read_summary(tmp_path / "run")
+    # epoch 0: 48 samples / 2 ranks / batch 4 = 6 steps; epoch 1: k = floor(48 x 0.8) = 38 -> 19 per rank -> 4 steps
+    assert summary["optimizer_steps"] == 10 and summary["planned_optimizer_steps"] == 10
+    assert summary["samples_seen"] == 10 * 4 * 2
+    assert summary["reselections"] == 1 and summary["initial_val_loss"] > summary["final_val_loss"]
+    events = [json.loads(line) for line in (tmp_path / "run" / "selection.jsonl").read_text().splitlines()]
+    assert [e["k"] for e in events] == [38]
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
