@@ -280,3 +280,78 @@ def test_training_augmentation_is_a_function_of_seed_epoch_and_index(compose_cfg
     state = torch.get_rng_state()
     augmented[(9, 4)]
     assert torch.equal(state, torch.get_rng_state())
+
+
+def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    return {h["epoch"]: (h["train_loss"], h.get("val_loss")) for h in read_summary(run_dir)["history"]}
+
+
+@pytest.mark.slow
+def test_resume_from_a_mid_epoch_crash_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    """The crash checkpoint lands mid-epoch (3 of epoch 0's 6 steps done): the resumed run skips the batches
+    already trained, makes the same selections and ends where the uninterrupted run ends."""
+    common = [*ATTENT_TINY, "trainer.deterministic=true"]
+    run_train([*common, "hydra.run.dir=full"], cwd=tmp_path)
+    crashed = run_train(
+        [
+            *common,
+            "hydra.run.dir=crashed",
+            "+callbacks.crash._target_=tests.toy_selection.CrashAtStep",
+            "+callbacks.crash.step=3",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert crashed.returncode != 0 and "simulated crash at step 3" in crashed.stderr
+    checkpoint = tmp_path / "crashed" / "checkpoints" / "on_exception.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 3
+    run_train([*common, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
+    full, resumed = read_summary(tmp_path / "full"), read_summary(tmp_path / "resumed")
+    assert resumed["optimizer_steps"] == full["optimizer_steps"]
+    assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
+    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(resumed_losses) == [0, 1, 2, 3, 4, 5]
+    for epoch in (1, 2, 3, 4, 5):
+        assert resumed_losses[epoch] == pytest.approx(full_losses[epoch], rel=1e-5)
+    drop = ("scoring_time_s", "selection_time_s")
+    events = {
+        run: [
+            {k: v for k, v in json.loads(x).items() if k not in drop}
+            for x in (tmp_path / run / "selection.jsonl").read_text().splitlines()
+        ]
+        for run in ("full", "resumed")
+    }
+    assert events["resumed"] == events["full"]
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_taken_before_the_epoch_end_hooks(tmp_path):
+    """With validation every 2nd epoch, checkpoints are written at validation end, before the teacher prepares
+    the next epoch; the resumed run must neither re-select twice nor select differently."""
+    common = [
+        *ATTENT_TINY,
+        "trainer.deterministic=true",
+        "trainer.check_val_every_n_epoch=2",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.every_n_epochs=2",
+    ]
+    run_train([*common, "hydra.run.dir=full"], cwd=tmp_path)
+    checkpoint = tmp_path / "full" / "checkpoints" / "epoch_001.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    teacher_state = state["callbacks"]["AtteNTTeacher"]
+    assert teacher_state["last_ended_epoch"] == 0 and teacher_state["prepared_epoch"] == 1
+    run_train([*common, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
+
+    def events(run: str) -> list[dict]:
+        lines = (tmp_path / run / "selection.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if not k.endswith("time_s")} for x in lines]
+
+    assert events("resumed") == [e for e in events("full") if e["epoch"] >= 2]
+    # Epoch 1 only finishes its end hooks in the resumed run (no batch left), so compare from epoch 2 on.
+    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(e for e in resumed_losses if e >= 2) == [2, 3, 4, 5]
+    for epoch in (2, 3, 4, 5):
+        assert resumed_losses[epoch][0] == pytest.approx(full_losses[epoch][0], rel=1e-5)
+    assert (
+        read_summary(tmp_path / "resumed")["reselections"] == read_summary(tmp_path / "full")["reselections"]
+    )

@@ -112,3 +112,14 @@ class ShardRecorder(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
+
+
+class CrashAtStep(pl.Callback):
+    """Raises once training reaches ``step``: stands in for a crash or a pre-emption mid-epoch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
