@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -118,7 +119,7 @@ def _quadratic_roots(a: np.ndarray, half_b: np.ndarray, c: np.ndarray) -> tuple[
 
 
 @dataclass
-class _Surface:
+class _Surface(ABC):
     """A renderable surface: its semantic class, albedo colour and texture; subclasses add the geometry."""
 
     class_name: str
@@ -133,11 +134,13 @@ class _Surface:
     is_object = True
     footprint = 0.0  # radius of the circle the surface covers on the floor
 
+    @abstractmethod
     def intersect(self, origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Ray parameter t of the nearest hit per ray (inf where the ray misses)."""
 
+    @abstractmethod
     def normal_at(self, points: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Unit surface normals at the given world points."""
 
     def albedo_at(self, points: np.ndarray) -> np.ndarray:
         """Colour of the surface at world points (N, 3) → (N, 3), with its texture applied."""

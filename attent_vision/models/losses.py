@@ -6,6 +6,7 @@ batch reduction (mean over the samples that have masked pixels, i.e. ``nanmean``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import torch
@@ -71,7 +72,7 @@ def masked_sample_mean(loss: Tensor, weight: Tensor | None) -> SampleLoss:
     return SampleLoss(value, count.round().long())
 
 
-class _MaskedPixelLoss(nn.Module):
+class _MaskedPixelLoss(nn.Module, ABC):
     """Shared patch geometry and norm-pix target of the regression losses."""
 
     def __init__(
@@ -97,8 +98,9 @@ class _MaskedPixelLoss(nn.Module):
             patches, "b (nh nw) (p1 p2 c) -> b c (nh p1) (nw p2)", nh=target.shape[-2] // p, p1=p, p2=p
         )
 
+    @abstractmethod
     def element_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Per-element loss (B, C, H, W) of the (possibly normalised) target."""
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> SampleLoss:
         """Per-sample loss of pred/target (B, C, H, W), over masked patches of mask (B, N) when given."""
