@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from attent_vision.config import ConfigError, validate_pretrain_config
@@ -72,9 +73,11 @@ def configured_world_size(trainer_cfg: DictConfig) -> int:
 def build_teacher(cfg: DictConfig) -> AtteNTTeacher:
     try:
         return hydra.utils.instantiate(cfg.teacher)
-    except Exception as error:  # Hydra wraps the schedule's ValueError; surface the key it names
-        cause = error.__cause__ or error
-        raise ConfigError(str(cause)) from None
+    except InstantiationException as error:
+        # Hydra wraps the schedules' and teacher's ValueErrors (which name the key); anything else is a bug.
+        if isinstance(error.__cause__, ValueError):
+            raise ConfigError(str(error.__cause__)) from None
+        raise
 
 
 def plan_from_config(cfg: DictConfig, teacher: AtteNTTeacher, datamodule: Any) -> list[EpochPlan]:

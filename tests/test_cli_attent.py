@@ -71,6 +71,8 @@ def test_plan_follows_the_chosen_groups(tmp_path):
         ("ratio.final=0.1", "ratio.final: 0.1 is below ratio.initial=0.2"),
         ("interval.initial=0", "interval.initial: 0 must be >= 1"),
         ("selection.temperature=0", "selection.temperature: 0 must be > 0"),
+        ("scoring.batch_size=0", "scoring.batch_size: 0 must be >= 1"),
+        ("selection.normalization=relu", "selection.normalization: unknown 'relu'"),
     ],
 )
 def test_invalid_combinations_fail_at_start_up_naming_the_key(tmp_path, override, message):

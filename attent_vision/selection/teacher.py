@@ -92,6 +92,12 @@ class AtteNTTeacher(pl.Callback):
             raise ValueError(f"scoring.mode: unknown {scoring!r}; allowed: full, online")
         if temperature <= 0:
             raise ValueError(f"selection.temperature: {temperature} must be > 0")
+        if scoring_batch_size is not None and scoring_batch_size < 1:
+            raise ValueError(
+                f"scoring.batch_size: {scoring_batch_size} must be >= 1 (or null for 2 x data.batch_size)"
+            )
+        if scoring_num_workers is not None and scoring_num_workers < 0:
+            raise ValueError(f"scoring.num_workers: {scoring_num_workers} must be >= 0 (or null)")
         if normalization not in ("softmax", "sigmoid"):
             raise ValueError(f"selection.normalization: unknown {normalization!r}; allowed: softmax, sigmoid")
         self.strategy = strategy
