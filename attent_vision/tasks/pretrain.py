@@ -46,6 +46,9 @@ class MultiMAEPretrainModule(pl.LightningModule):
         loss_on_unmasked: Compute the losses on every patch instead of the masked ones only.
         fp32_output_adapters: Decoders that run in fp32 under mixed precision.
         compile: ``torch.compile`` the network in place.
+        mask_seed: Training masks of sample i in epoch e are drawn from a generator seeded by (mask_seed, e, i):
+            they vary across epochs and samples, and do not depend on the global RNG (so a resumed run, and any
+            number of ranks, draw the same masks).
         val_mask_seed: Validation masks are drawn from ``val_mask_seed + index`` so val losses are comparable.
     """
 
@@ -69,6 +72,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
         loss_on_unmasked: bool = False,
         fp32_output_adapters: Iterable[str] = ("semseg",),
         compile: bool = False,
+        mask_seed: int = 0,
         val_mask_seed: int = 1_000_003,
     ) -> None:
         super().__init__()
@@ -92,6 +96,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
         self.loss_on_unmasked = loss_on_unmasked
         self.fp32_output_adapters = tuple(fp32_output_adapters)
         self.compile_net = compile
+        self.mask_seed = mask_seed
         self.val_mask_seed = val_mask_seed
         # The exact optimizer-step count of the run; the AtteNT teacher sets it from its plan. When None,
         # Lightning's estimate is used (right only when every epoch has the same length).
@@ -148,8 +153,13 @@ class MultiMAEPretrainModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------------------
     # steps
 
+    def train_mask_seeds(self, index: Tensor) -> Tensor:
+        """Per-sample mask seeds (B,) for this epoch: a function of (mask_seed, epoch, index) only."""
+        base = (self.mask_seed * 1_000_003 + self.current_epoch) * 1_000_033
+        return (index.cpu() + base) % (2**63 - 1)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        losses = self.sample_losses(batch)
+        losses = self.sample_losses(batch, mask_seeds=self.train_mask_seeds(batch["index"]))
         task_losses = {task: reduce_batch(loss) for task, loss in losses.items()}
         weighted = self.task_balancer(task_losses)
         loss = torch.stack(list(weighted.values())).sum()
