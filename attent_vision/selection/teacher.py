@@ -185,12 +185,12 @@ class AtteNTTeacher(pl.Callback):
             pl_module.steps_per_full_epoch = self.plan[0].num_steps
         totals = plan_totals(self.plan)
         log.info(
-            "AtteNT plan: %s selection, %d epochs (%d on subsets), %d steps, %.1f%% of full-data samples",
+            "AtteNT plan: %s selection, %d epochs (%d on subsets), %d steps, %.1f%% of full-data training",
             self.strategy,
             totals["epochs"],
             totals["subset_epochs"],
             totals["optimizer_steps"],
-            100 * totals["sample_fraction"],
+            100 * totals["step_fraction"],
         )
 
     def _check_contract(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
