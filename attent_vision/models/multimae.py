@@ -9,9 +9,9 @@ from typing import NamedTuple
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from attent_vision.models.blocks import transformer_blocks
 from attent_vision.models.input_adapters import PatchedInputAdapter, SemSegInputAdapter
 from attent_vision.models.masking import Alphas, TokenMasks, generate_random_masks, ids_from_task_masks
 from attent_vision.models.output_adapters import (
@@ -97,21 +97,16 @@ class MultiMAE(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
         trunc_normal_(self.global_tokens, std=0.02)
 
-        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
-        self.encoder = nn.Sequential(
-            *[
-                Block(
-                    dim=dim_tokens,
-                    num_heads=num_heads,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    norm_layer=norm_layer,
-                )
-                for i in range(depth)
-            ]
+        self.encoder = transformer_blocks(
+            dim=dim_tokens,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
         )
         self.dim_tokens = dim_tokens
         self.init_weights()

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import Mlp, to_2tuple, trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from attent_vision.models.blocks import transformer_blocks
 from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_to_tokens
 
 __all__ = ["CrossAttention", "InputInfo", "SpatialOutputAdapter", "TaskTokens", "default_norm_layer"]
@@ -176,21 +176,16 @@ class SpatialOutputAdapter(nn.Module):
             self.mlp = Mlp(in_features=dim_tokens, hidden_features=int(dim_tokens * mlp_ratio))
 
         if depth > 0:
-            dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
-            self.decoder_transformer = nn.Sequential(
-                *[
-                    Block(
-                        dim=dim_tokens,
-                        num_heads=num_heads,
-                        mlp_ratio=mlp_ratio,
-                        qkv_bias=qkv_bias,
-                        proj_drop=drop_rate,
-                        attn_drop=attn_drop_rate,
-                        drop_path=dpr[i],
-                        norm_layer=norm_layer,
-                    )
-                    for i in range(depth)
-                ]
+            self.decoder_transformer = transformer_blocks(
+                dim=dim_tokens,
+                depth=depth,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_rate=drop_rate,
+                attn_drop_rate=attn_drop_rate,
+                drop_path_rate=drop_path_rate,
+                norm_layer=norm_layer,
             )
         else:
             self.decoder_transformer = nn.Identity()
