@@ -4,10 +4,22 @@ Nothing here imports Lightning; the task modules in ``attent_vision.tasks`` own 
 """
 
 from attent_vision.models.checkpoint import (
+    LoadReport,
+    MissingEncoderWeightsError,
     load_multimae_weights,
+    load_pretrained,
     multimae_to_timm_vit,
     normalize_state_dict,
+    resolve_checkpoint,
     timm_vit_to_multimae,
+)
+from attent_vision.models.heads import (
+    ConvNeXtHead,
+    DPTHead,
+    LinearHead,
+    dpt_feature_dim,
+    dpt_hooks,
+    dpt_layer_dims,
 )
 from attent_vision.models.input_adapters import PatchedInputAdapter, SemSegInputAdapter
 from attent_vision.models.losses import (
@@ -33,6 +45,7 @@ from attent_vision.models.multimae import (
     MultiMAE,
     build_pretrain_multimae,
 )
+from attent_vision.models.multivit import MultiViT, build_multivit
 from attent_vision.models.output_adapters import CrossAttention, InputInfo, SpatialOutputAdapter, TaskTokens
 from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_to_tokens, resize_pos_embed
 from attent_vision.models.task_balancing import NoTaskBalancer, UncertaintyTaskBalancer
@@ -40,13 +53,19 @@ from attent_vision.models.task_balancing import NoTaskBalancer, UncertaintyTaskB
 __all__ = [
     "DOMAINS",
     "MODEL_SIZES",
+    "ConvNeXtHead",
     "CrossAttention",
+    "DPTHead",
     "EncoderOutput",
     "InputInfo",
+    "LinearHead",
+    "LoadReport",
     "MaskedCrossEntropyLoss",
     "MaskedL1Loss",
     "MaskedMSELoss",
+    "MissingEncoderWeightsError",
     "MultiMAE",
+    "MultiViT",
     "NoTaskBalancer",
     "PatchedInputAdapter",
     "SampleLoss",
@@ -56,16 +75,22 @@ __all__ = [
     "TokenMasks",
     "UncertaintyTaskBalancer",
     "build_2d_sincos_pos_embed",
+    "build_multivit",
     "build_pretrain_multimae",
+    "dpt_feature_dim",
+    "dpt_hooks",
+    "dpt_layer_dims",
     "expand_alphas",
     "generate_random_masks",
     "ids_from_task_masks",
     "load_multimae_weights",
+    "load_pretrained",
     "multimae_to_timm_vit",
     "normalize_state_dict",
     "pos_embed_to_tokens",
     "reduce_batch",
     "resize_pos_embed",
+    "resolve_checkpoint",
     "sample_task_shares",
     "timm_vit_to_multimae",
     "truncated_depth_standardize",

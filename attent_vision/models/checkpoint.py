@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import pickle
+import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from attent_vision.models.multimae import MODEL_SIZES
 from attent_vision.models.pos_embed import resize_pos_embed
 
-__all__ = ["load_multimae_weights", "multimae_to_timm_vit", "normalize_state_dict", "timm_vit_to_multimae"]
+__all__ = [
+    "LoadReport",
+    "MissingEncoderWeightsError",
+    "load_multimae_weights",
+    "load_pretrained",
+    "multimae_to_timm_vit",
+    "normalize_state_dict",
+    "resolve_checkpoint",
+    "timm_vit_to_multimae",
+]
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +208,334 @@ def timm_vit_to_multimae(
     out["input_adapters.rgb.proj.bias"] = state["patch_embed.proj.bias"]
     out.update({"encoder." + k[len("blocks.") :]: v for k, v in state.items() if k.startswith("blocks.")})
     return out
+
+
+# ---------------------------------------------------------------------- fine-tuning: resolve and load
+
+CheckpointFormat = Literal["lightning", "multimae", "timm", "state_dict"]
+
+_BLOCK_RE = re.compile(r"^encoder\.(\d+)\.")
+_EPOCH_RE = re.compile(r"^epoch_(\d+)")
+_MAX_LISTED = 10
+
+
+class MissingEncoderWeightsError(ValueError):
+    """The checkpoint does not provide (or does not fit) every encoder weight of the model.
+
+    Attributes:
+        source: The checkpoint file.
+        missing: Model encoder keys the checkpoint lacks.
+        mismatched: Encoder keys whose shapes differ and cannot be adapted.
+        hint: What to change.
+    """
+
+    def __init__(
+        self, message: str, *, source: str, missing: list[str], mismatched: list[str], hint: str
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.missing = missing
+        self.mismatched = mismatched
+        self.hint = hint
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did with each key.
+
+    Attributes:
+        source: The checkpoint file (or ``<in-memory>``).
+        format: 'lightning', 'multimae' (``{'model': ...}``), 'timm' (converted ViT keys) or 'state_dict'.
+        loaded: Model keys filled from the checkpoint.
+        missing: Model keys left at their init (the new heads).
+        unexpected: Checkpoint keys the model has no place for (e.g. other input modalities).
+        resized: Adapted keys as ``"key: (from shape) -> (to shape)"``.
+        skipped: Checkpoint keys dropped on purpose (output adapters that are not the model's heads).
+    """
+
+    source: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready)."""
+        return asdict(self)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        """Writes the report as indented JSON, creating parent folders."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def summary(self) -> str:
+        """One line of counts."""
+        counts = ", ".join(
+            f"{len(getattr(self, n))} {n}" for n in ("loaded", "missing", "unexpected", "resized", "skipped")
+        )
+        return f"{self.source} ({self.format}): {counts}"
+
+
+def _epoch_sort_key(path: Path) -> tuple[int, float, str]:
+    match = _EPOCH_RE.match(path.name)
+    return (int(match.group(1)) if match else -1, path.stat().st_mtime, path.name)
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """Finds the checkpoint file of ``source``.
+
+    A file is returned as is. For a run directory (or its ``checkpoints/`` folder) this is
+    ``checkpoints/last.ckpt`` resolved to its target when it is an existing file (Lightning writes it as a
+    symlink), else the newest ``checkpoints/epoch_*.ckpt`` (highest epoch, then modification time).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist, or the directory holds no checkpoint.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        dangling = " (a dangling symlink)" if path.is_symlink() else ""
+        raise FileNotFoundError(f"checkpoint source {path} does not exist{dangling}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint source {path} is neither a file nor a run directory")
+    looked_for = []
+    for folder in (path / "checkpoints", path):
+        last = folder / "last.ckpt"
+        looked_for += [str(last), str(folder / "epoch_*.ckpt")]
+        if last.is_file():
+            return last.resolve()
+        if last.is_symlink():
+            log.warning(
+                "%s is a dangling link (-> %s); using the newest epoch checkpoint", last, os.readlink(last)
+            )
+        epochs = sorted((p for p in folder.glob("epoch_*.ckpt") if p.is_file()), key=_epoch_sort_key)
+        if epochs:
+            return epochs[-1]
+    raise FileNotFoundError(f"no checkpoint in {path}: looked for {', '.join(looked_for)}")
+
+
+def _checkpoint_format(obj: Mapping[str, Any]) -> CheckpointFormat:
+    inner: Mapping[str, Any] = obj
+    fmt: CheckpointFormat = "state_dict"
+    if isinstance(obj.get("model"), Mapping):
+        inner, fmt = obj["model"], "multimae"
+    elif isinstance(obj.get("state_dict"), Mapping):
+        inner, fmt = obj["state_dict"], "lightning"
+    keys = [_strip_wrappers(k) for k in inner]
+    if any(k.startswith(_LIGHTNING_PREFIX) for k in keys):
+        fmt = "lightning"
+        keys = [_strip_wrappers(k[len(_LIGHTNING_PREFIX) :]) for k in keys if k.startswith(_LIGHTNING_PREFIX)]
+    if "cls_token" in keys or any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
+        fmt = "timm"
+    return fmt
+
+
+def _is_encoder_key(key: str) -> bool:
+    return key == "global_tokens" or key.startswith(("input_adapters.", "encoder."))
+
+
+def _encoder_geometry(state: Mapping[str, Tensor]) -> tuple[int | None, int]:
+    """(width, number of blocks) read from MultiMAE keys; width None when nothing tells."""
+    width = None
+    for key in ("global_tokens", "encoder.0.norm1.weight"):
+        if key in state:
+            width = int(state[key].shape[-1])
+            break
+    else:
+        proj = [v for k, v in state.items() if k.startswith("input_adapters.") and k.endswith("proj.weight")]
+        if proj:
+            width = int(proj[0].shape[0])
+    blocks = {int(m.group(1)) for k in state if (m := _BLOCK_RE.match(k))}
+    return width, (max(blocks) + 1 if blocks else 0)
+
+
+def _describe_encoder(width: int | None, depth: int) -> str:
+    name = next(
+        (n for n, cfg in MODEL_SIZES.items() if (cfg["dim_tokens"], cfg["depth"]) == (width, depth)), None
+    )
+    geometry = f"width {width}, {depth} blocks"
+    return f"{name} ({geometry})" if name else f"a custom size ({geometry})"
+
+
+def _input_tasks(state: Mapping[str, Tensor]) -> list[str]:
+    return list(dict.fromkeys(k.split(".")[1] for k in state if k.startswith("input_adapters.")))
+
+
+def _encoder_hint(ckpt: Mapping[str, Tensor], model: Mapping[str, Tensor], mismatched: list[str]) -> str:
+    ckpt_geometry, model_geometry = _encoder_geometry(ckpt), _encoder_geometry(model)
+    if ckpt_geometry == (None, 0):
+        return "the checkpoint holds no MultiMAE or timm ViT encoder weights: is it a pretraining checkpoint?"
+    hints = []
+    if ckpt_geometry != model_geometry:
+        hints.append(
+            f"the checkpoint's encoder is {_describe_encoder(*ckpt_geometry)} but the model is "
+            f"{_describe_encoder(*model_geometry)}: choose the matching encoder size"
+        )
+    have = _input_tasks(ckpt)
+    absent = [t for t in _input_tasks(model) if t not in have]
+    if absent:
+        hints.append(
+            f"the checkpoint has input adapters for {have} only but the model also takes {absent}: drop "
+            f"{absent} from in_domains or use a checkpoint pretrained with them"
+        )
+    if not hints:
+        for key in mismatched:
+            got, want = tuple(ckpt[key].shape), tuple(model[key].shape)
+            if key.startswith("input_adapters.") and key.endswith("proj.weight") and got[-2:] != want[-2:]:
+                hints.append(
+                    f"{key} has patch {got[-2:]} in the checkpoint, {want[-2:]} in the model: set patch_size"
+                )
+            elif key.endswith("class_emb.weight"):
+                hints.append(
+                    f"the checkpoint embeds {got[0]} semseg classes, the model {want[0]}: set semseg_num_classes to match"
+                )
+            elif key == "global_tokens":
+                hints.append(
+                    f"the checkpoint has {got[1]} global tokens, the model {want[1]}: set num_global_tokens"
+                )
+    if not hints:
+        hints.append(
+            "the checkpoint's encoder does not cover the model's: is the file truncated or from another model?"
+        )
+    return "; ".join(hints)
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return f"{keys[:_MAX_LISTED]}{more}"
+
+
+def _select_heads(
+    state: dict[str, Tensor], target: Mapping[str, Tensor], report: LoadReport
+) -> dict[str, Tensor]:
+    """Keeps a checkpoint output adapter only when its keys and shapes equal one of the model's heads.
+
+    Pretraining decoders never match a fine-tuning head, so all of them are skipped; a fine-tuned checkpoint's
+    heads load into the same heads. A partial match is skipped whole, never loaded half.
+    """
+    by_task: dict[str, list[str]] = {}
+    for key in state:
+        if key.startswith("output_adapters."):
+            by_task.setdefault(key.split(".")[1], []).append(key)
+    for task, keys in by_task.items():
+        prefix = f"output_adapters.{task}."
+        head_keys = {k for k in target if k.startswith(prefix)}
+        same = set(keys) == head_keys and all(tuple(state[k].shape) == tuple(target[k].shape) for k in keys)
+        if not same:
+            report.skipped += keys
+            for key in keys:
+                del state[key]
+    return state
+
+
+def _adapt_encoder_shapes(
+    state: dict[str, Tensor], target: Mapping[str, Tensor], report: LoadReport
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Pads class_emb by the padding row and resamples input-adapter pos_embs; returns the other mismatches."""
+    adapted, mismatched = {}, []
+    for key, value in state.items():
+        if key not in target or tuple(value.shape) == tuple(target[key].shape):
+            adapted[key] = value
+            continue
+        got, want = tuple(value.shape), tuple(target[key].shape)
+        if key.endswith("class_emb.weight") and want == (got[0] + 1, got[1]):
+            adapted[key] = F.pad(value, (0, 0, 0, 1))  # zero row for the padding index
+        elif key.startswith("input_adapters.") and key.endswith("pos_emb") and got[:2] == want[:2]:
+            adapted[key] = resize_pos_embed(value.float(), want[-2:], mode="bicubic").to(value.dtype)
+        else:
+            mismatched.append(key)
+            continue
+        report.resized.append(f"{key}: {got} -> {want}")
+    return adapted, mismatched
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    report_path: str | os.PathLike | None = None,
+    weights_only: bool = True,
+) -> LoadReport:
+    """Initialises a (fine-tuning) MultiViT or MultiMAE from a pretrained checkpoint, checking the encoder.
+
+    Accepts our Lightning checkpoints (model under ``net.``), reference MultiMAE checkpoints (``{'model': ...}``,
+    ``module.`` prefixes, with or without output adapters), timm ViT state dicts (converted) and plain state
+    dicts, as a file, a run directory (see :func:`resolve_checkpoint`) or an in-memory dict. Before loading:
+    checkpoint output adapters that are not exactly the model's heads are skipped; a semseg ``class_emb`` gets
+    the model's padding row (133 → 134); input-adapter pos_embs are resampled (bicubic) to the model's grid.
+    The model's heads being missing is expected; every encoder weight (``input_adapters.*``, ``global_tokens``,
+    ``encoder.*``) must come from the checkpoint with a fitting shape.
+
+    Args:
+        model: The model to fill (not wrapped by DDP or torch.compile).
+        source: Checkpoint file, run directory or checkpoint dict.
+        report_path: Where to write the :class:`LoadReport` as JSON.
+        weights_only: Safe unpickling (argparse.Namespace allowed); False only for trusted files.
+
+    Returns:
+        The load report.
+
+    Raises:
+        MissingEncoderWeightsError: An encoder weight is missing, has another shape, or the checkpoint's
+            encoder is deeper; the message names the file, the keys and a hint (e.g. the encoder sizes).
+        FileNotFoundError: ``source`` cannot be resolved to a checkpoint file.
+    """
+    if isinstance(source, Mapping):
+        obj, label = source, "<in-memory>"
+    else:
+        path = resolve_checkpoint(source)
+        obj, label = _read_checkpoint(path, weights_only), str(path)
+    report = LoadReport(source=label, format=_checkpoint_format(obj))
+    ckpt = normalize_state_dict(obj)
+    target = model.state_dict()
+
+    state = _select_heads(dict(ckpt), target, report)
+    state, mismatched = _adapt_encoder_shapes(state, target, report)
+    missing_encoder = [k for k in target if _is_encoder_key(k) and k not in state and k not in mismatched]
+    mismatched_encoder = [k for k in mismatched if _is_encoder_key(k)]
+    extra_blocks = [k for k in state if k.startswith("encoder.") and k not in target]
+    if missing_encoder or mismatched_encoder or extra_blocks:
+        hint = _encoder_hint(ckpt, target, mismatched_encoder)
+        lines = [f"{label}: the checkpoint does not fit the model's encoder"]
+        if missing_encoder:
+            lines.append(f"  missing ({len(missing_encoder)}): {_listed(missing_encoder)}")
+        if mismatched_encoder:
+            shapes = [
+                f"{k} {tuple(ckpt[k].shape)} vs model {tuple(target[k].shape)}" for k in mismatched_encoder
+            ]
+            lines.append(f"  shape mismatches ({len(shapes)}): {_listed(shapes)}")
+        if extra_blocks:
+            lines.append(f"  blocks the model lacks ({len(extra_blocks)}): {_listed(extra_blocks)}")
+        lines.append(f"Hint: {hint}")
+        raise MissingEncoderWeightsError(
+            "\n".join(lines),
+            source=label,
+            missing=missing_encoder,
+            mismatched=mismatched_encoder,
+            hint=hint,
+        )
+    for key in mismatched:  # outside the encoder and the heads: nothing to adapt, so leave it at its init
+        log.warning(
+            "Skipping %s: checkpoint shape %s, model shape %s",
+            key,
+            tuple(ckpt[key].shape),
+            tuple(target[key].shape),
+        )
+        report.skipped.append(key)
+
+    result = model.load_state_dict(state, strict=False)
+    report.loaded = [k for k in state if k in target]
+    report.missing = list(result.missing_keys)
+    report.unexpected = list(result.unexpected_keys)
+    log.info("Loaded pretrained weights: %s", report.summary())
+    if report.missing:
+        log.info("Left at init (%d): %s", len(report.missing), _listed(report.missing))
+    if report.skipped:
+        log.info("Skipped checkpoint keys (%d): %s", len(report.skipped), _listed(report.skipped))
+    if report_path is not None:
+        report.write_json(report_path)
+    return report

@@ -370,6 +370,45 @@ def _check_domains(kind: str, domains: Sequence[str]) -> list[str]:
     return domains
 
 
+def _encoder_size(size: str) -> dict[str, int]:
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; allowed: {list(MODEL_SIZES)}")
+    return MODEL_SIZES[size]
+
+
+def _check_geometry(*, image_size: int, patch_size: int, semseg_stride: int) -> None:
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if patch_size % semseg_stride:
+        raise ValueError(f"patch_size {patch_size} is not divisible by semseg_stride {semseg_stride}")
+
+
+def _input_adapter(
+    domain: str,
+    *,
+    patch_size: int,
+    image_size: int,
+    learnable_pos_emb: bool,
+    semseg_num_classes: int,
+    semseg_stride: int,
+    semseg_padding_idx: int | None = None,
+) -> nn.Module:
+    """The input adapter of one domain of the table above (shared by the pretraining and fine-tuning builders)."""
+    common = dict(patch_size_full=patch_size, image_size=image_size, learnable_pos_emb=learnable_pos_emb)
+    if domain == "semseg":
+        return SemSegInputAdapter(
+            num_classes=semseg_num_classes,
+            stride_level=semseg_stride,
+            dim_class_emb=64,
+            emb_padding_idx=semseg_padding_idx,
+            modality=domain,
+            **common,
+        )
+    return PatchedInputAdapter(
+        num_channels=_DENSE_CHANNELS[domain], stride_level=1, modality=domain, **common
+    )
+
+
 def build_pretrain_multimae(
     *,
     size: str = "base",
@@ -412,28 +451,10 @@ def build_pretrain_multimae(
     Returns:
         The initialised MultiMAE.
     """
-    if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; allowed: {list(MODEL_SIZES)}")
+    encoder = _encoder_size(size)
     in_domains = _check_domains("in_domains", in_domains)
     out_domains = _check_domains("out_domains", out_domains)
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-    if patch_size % semseg_stride:
-        raise ValueError(f"patch_size {patch_size} is not divisible by semseg_stride {semseg_stride}")
-
-    def input_adapter(domain: str) -> nn.Module:
-        common = dict(patch_size_full=patch_size, image_size=image_size, learnable_pos_emb=learnable_pos_emb)
-        if domain == "semseg":
-            return SemSegInputAdapter(
-                num_classes=semseg_num_classes,
-                stride_level=semseg_stride,
-                dim_class_emb=64,
-                modality=domain,
-                **common,
-            )
-        return PatchedInputAdapter(
-            num_channels=_DENSE_CHANNELS[domain], stride_level=1, modality=domain, **common
-        )
+    _check_geometry(image_size=image_size, patch_size=patch_size, semseg_stride=semseg_stride)
 
     def output_adapter(domain: str, task: str) -> SpatialOutputAdapter:
         return SpatialOutputAdapter(
@@ -454,12 +475,22 @@ def build_pretrain_multimae(
     if extra_norm_pix_loss:
         outputs["norm_rgb"] = output_adapter("rgb", "rgb")
     return MultiMAE(
-        input_adapters={d: input_adapter(d) for d in in_domains},
+        input_adapters={
+            d: _input_adapter(
+                d,
+                patch_size=patch_size,
+                image_size=image_size,
+                learnable_pos_emb=learnable_pos_emb,
+                semseg_num_classes=semseg_num_classes,
+                semseg_stride=semseg_stride,
+            )
+            for d in in_domains
+        },
         output_adapters=outputs,
         num_global_tokens=num_global_tokens,
         drop_path_rate=drop_path_rate,
         mlp_ratio=4.0,
         qkv_bias=True,
         norm_layer=default_norm_layer,
-        **MODEL_SIZES[size],
+        **encoder,
     )
