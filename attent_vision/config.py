@@ -103,4 +103,72 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
         _require(Path(str(ckpt)).is_file(), "ckpt_path", f"{ckpt} is not a file")
 
 
+FINETUNE_TASKS = ("cls", "semseg", "depth")
+
+
+def validate_finetune_config(cfg: DictConfig) -> None:
+    """Fail fast on fine-tuning values that would otherwise crash deep inside training."""
+    task, data, module = cfg.task, cfg.data, cfg.module
+    _require(task.name in FINETUNE_TASKS, "task", f"{task.name!r} is not one of {list(FINETUNE_TASKS)}")
+    inputs = list(module.net.in_domains)
+    allowed = ["rgb"] if task.name == "cls" else ["rgb", "depth"] if task.name == "semseg" else ["rgb"]
+    _require(
+        bool(inputs) and set(inputs) <= set(allowed) and len(set(inputs)) == len(inputs),
+        "module.net.in_domains",
+        f"{inputs} is not a valid input for task={task.name}; allowed: {allowed}",
+    )
+    input_size, patch_size = int(data.input_size), int(cfg.encoder.patch_size)
+    _require(
+        input_size > 0 and input_size % patch_size == 0,
+        "data.input_size",
+        f"{input_size} must be a positive multiple of encoder.patch_size={patch_size}",
+    )
+    _require(int(data.batch_size) > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
+    _require(int(data.num_workers) >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
+    _require(int(data.num_classes) >= 2, "data.num_classes", f"must be >= 2, got {data.num_classes}")
+    _require(
+        int(cfg.trainer.max_epochs) >= 1, "trainer.max_epochs", f"must be >= 1, got {cfg.trainer.max_epochs}"
+    )
+    lr, blr = module.get("lr"), module.get("blr")
+    _require(
+        (lr is not None and float(lr) > 0) or (lr is None and blr is not None and float(blr) > 0),
+        "module.lr",
+        f"needs a positive module.lr, or module.lr=null with a positive module.blr (got lr={lr}, blr={blr})",
+    )
+    decay = module.get("layer_decay")
+    _require(
+        decay is None or 0 < float(decay) <= 1,
+        "module.layer_decay",
+        f"must be in (0, 1] or null, got {decay}",
+    )
+    if task.name == "cls" and (float(module.mixup) > 0 or float(module.cutmix) > 0):
+        _require(
+            int(data.batch_size) % 2 == 0,
+            "data.batch_size",
+            f"mixup/cutmix pairs samples, so the batch size must be even (got {data.batch_size}); "
+            "or set module.mixup=0 module.cutmix=0",
+        )
+    if task.name == "depth":
+        _require(
+            0 <= float(module.min_depth) < float(module.max_depth),
+            "module.max_depth",
+            f"needs 0 <= module.min_depth < module.max_depth, got {module.min_depth} and {module.max_depth}",
+        )
+    if data.get("synthetic") is None:
+        root = data.get("root")
+        _require(root is not None and Path(str(root)).is_dir(), "data.root", f"{root} is not a directory")
+        for key in ("train_dir", "val_dir"):
+            split = Path(str(root), str(data[key]))
+            _require(split.is_dir(), f"data.{key}", f"{split} does not exist")
+    if cfg.get("eval_only"):
+        _require(
+            cfg.get("pretrained") is not None or cfg.get("ckpt_path") is not None,
+            "eval_only",
+            "needs pretrained=<weights> or ckpt_path=<fine-tuned checkpoint> to evaluate",
+        )
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and ckpt != "last":
+        _require(Path(str(ckpt)).is_file(), "ckpt_path", f"{ckpt} is not a file")
+
+
 register_resolvers()

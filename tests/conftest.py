@@ -54,8 +54,9 @@ def run_train(
     timeout: int = 300,
     check: bool = True,
     env_overrides: dict[str, str | None] | None = None,
+    script: str = "train.py",
 ) -> subprocess.CompletedProcess:
-    """Run ``python train.py`` like a user would, with data and outputs inside ``cwd``."""
+    """Run ``python train.py`` (or another entry point) like a user would, with data and outputs inside ``cwd``."""
     env = {
         **os.environ,
         "ATTENT_DATA_DIR": str(cwd / "data"),
@@ -69,7 +70,7 @@ def run_train(
         else:
             env[key] = value
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -78,10 +79,50 @@ def run_train(
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"train.py {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+            f"{script} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
 
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def run_finetune(args: list[str], *, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python finetune.py`` like a user would, with data and outputs inside ``cwd``."""
+    return run_train(args, cwd=cwd, script="finetune.py", **kwargs)
+
+
+# Tiny fine-tuning settings (seconds per run): small embedded sets, 32 px, micro encoder, two epochs.
+FINETUNE_TINY = {
+    "cls": [
+        "task=cls",
+        "data.synthetic.num_train=48",
+        "data.synthetic.num_val=20",
+        "data.synthetic.image_size=40",
+        "data.batch_size=8",
+    ],
+    "semseg": [
+        "task=semseg",
+        "data.synthetic.num_train=24",
+        "data.synthetic.num_test=10",
+        "data.synthetic.image_size=40",
+        "data.batch_size=4",
+    ],
+    "depth": [
+        "task=depth",
+        "data.synthetic.num_train=24",
+        "data.synthetic.num_test=10",
+        "data.synthetic.image_size=40",
+        "data.batch_size=4",
+    ],
+}
+FINETUNE_COMMON = [
+    "data.input_size=32",
+    "data.num_workers=0",
+    "data.eval_batch_size=8",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "callbacks.prediction_gallery.every_n_epochs=1",
+    "logger=csv",
+]

@@ -154,3 +154,87 @@ class SpawnedProcessGroupCleanup(pl.Callback):
         if isinstance(launcher, _MultiProcessingLauncher) and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class FinetuneSummary(pl.Callback):
+    """Writes a fine-tuning run's ``summary.json``: wall time, the final and best evaluation metrics, history.
+
+    The task module names its main metric (``main_metric``); "best" is the epoch where it peaked. Other parts of the
+    run add fields (settings, chance level, load report) through :meth:`update`.
+
+    Args:
+        output_dir: Run directory; the file is ``<output_dir>/summary.json``.
+    """
+
+    def __init__(self, *, output_dir: str) -> None:
+        self.path = Path(output_dir) / "summary.json"
+        self.run_start = time.perf_counter()
+        self.fields: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._epoch_start = 0.0
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after the epoch's validation, whose metrics the module computed in its own epoch-end hook.
+        validated = getattr(pl_module, "last_val_epoch", None) == trainer.current_epoch
+        values = getattr(pl_module, "last_val_metrics", {}) if validated else {}
+        metrics = {k.removeprefix("val/"): v for k, v in values.items()}
+        record = {
+            "epoch": trainer.current_epoch,
+            "train_loss": _metric(trainer, "train/loss_epoch"),
+            "val_loss": _metric(trainer, "val/loss") if validated else None,
+            "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3),
+            **metrics,
+        }
+        self.history.append(record)
+
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
+        main = getattr(pl_module, "main_metric", None)
+        scored = [r for r in self.history if r.get(main) is not None]
+        best = max(scored, key=lambda r: r[main]) if scored else None
+        strip = ("epoch", "train_loss", "val_loss", "epoch_time_s")
+        metrics = {
+            "main": main,
+            "final": {k: v for k, v in scored[-1].items() if k not in strip} if scored else {},
+            "best": {k: v for k, v in best.items() if k not in strip} if best else {},
+            "best_epoch": best["epoch"] if best else None,
+        }
+        return {
+            "status": status,
+            "wall_time_s": round(time.perf_counter() - self.run_start, 3),
+            "epochs": trainer.current_epoch,
+            "optimizer_steps": trainer.global_step,
+            "metrics": metrics,
+            "final_train_loss": _metric(trainer, "train/loss_epoch"),
+            "final_val_loss": _metric(trainer, "val/loss"),
+            **self.fields,
+            "history": self.history,
+        }
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
+        summary = self.summary(trainer, pl_module, status)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.path)
+        return summary
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        self.update(
+            checkpoint=(checkpoint.last_model_path or None) if checkpoint else None,
+            best_checkpoint=(checkpoint.best_model_path or None) if checkpoint else None,
+        )
+        self.write(trainer, pl_module, "finished")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.update(error=f"{type(exception).__name__}: {exception}")
+        self.write(trainer, pl_module, "failed")
