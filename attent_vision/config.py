@@ -6,6 +6,8 @@ second with a message that names the config key, the value and what was expected
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -30,10 +32,22 @@ def _token_fraction(modalities: list[str], input_size: int, patch_size: int, den
     return max(1, total // int(denominator))
 
 
+def _short_dirname(name: str, limit: int = 120) -> str:
+    # A sweep job's directory is named after its overrides; long override lists exceed the 255-byte name limit.
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9]}-{digest}"
+
+
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", _auto_precision)
+    if not OmegaConf.has_resolver("short_dirname"):
+        OmegaConf.register_new_resolver("short_dirname", _short_dirname)
+    if not OmegaConf.has_resolver("launch_dir"):
+        OmegaConf.register_new_resolver("launch_dir", os.getcwd)
     if not OmegaConf.has_resolver("token_fraction"):
         OmegaConf.register_new_resolver("token_fraction", _token_fraction)
 

@@ -110,15 +110,7 @@ def run_finetuning(cfg: DictConfig) -> float | None:
             report = load_pretrained(module.net, source, report_path=output_dir / "load_report.json")
         except MissingEncoderWeightsError as error:
             raise ConfigError(f"pretrained: {error}") from None
-        log.info(
-            "loaded %d tensors from %s (%s); %d missing (the new head), %d resized, %d skipped",
-            len(report.loaded),
-            source,
-            report.format,
-            len(report.missing),
-            len(report.resized),
-            len(report.skipped),
-        )
+        log.info("pretrained weights: %s (details in load_report.json)", report.summary())
     else:
         log.info("no pretrained weights: training from scratch")
     chance = module.chance_metrics(datamodule)

@@ -29,21 +29,31 @@ TINY_OVERRIDES = [
 ]
 
 
-@pytest.fixture
-def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose ``conf/train.yaml`` with overrides, outputs and data under ``tmp_path``."""
-
+def _composer(tmp_path: Path, config_name: str) -> Callable[..., DictConfig]:
     def _compose(*overrides: str) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
             cfg.hydra.runtime.cwd = str(tmp_path)
         HydraConfig.instance().set_config(cfg)
         return cfg
 
-    yield _compose
+    return _compose
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/train.yaml`` with overrides, outputs and data under ``tmp_path``."""
+    yield _composer(tmp_path, "train")
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_finetune(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/finetune.yaml`` with overrides, outputs and data under ``tmp_path``."""
+    yield _composer(tmp_path, "finetune")
     GlobalHydra.instance().clear()
 
 
@@ -94,29 +104,14 @@ def run_finetune(args: list[str], *, cwd: Path, **kwargs) -> subprocess.Complete
 
 
 # Tiny fine-tuning settings (seconds per run): small embedded sets, 32 px, micro encoder, two epochs.
-FINETUNE_TINY = {
-    "cls": [
-        "task=cls",
-        "data.synthetic.num_train=48",
-        "data.synthetic.num_val=20",
-        "data.synthetic.image_size=40",
-        "data.batch_size=8",
-    ],
-    "semseg": [
-        "task=semseg",
-        "data.synthetic.num_train=24",
-        "data.synthetic.num_test=10",
-        "data.synthetic.image_size=40",
-        "data.batch_size=4",
-    ],
-    "depth": [
-        "task=depth",
-        "data.synthetic.num_train=24",
-        "data.synthetic.num_test=10",
-        "data.synthetic.image_size=40",
-        "data.batch_size=4",
-    ],
-}
+SHARED_TINY = [
+    "data.synthetic.num_train=24",
+    "data.synthetic.num_eval=10",
+    "data.synthetic.image_size=40",
+    "data.batch_size=4",
+]
+FINETUNE_TINY = {task: [f"task={task}", *SHARED_TINY] for task in ("cls", "semseg", "depth")}
+FINETUNE_TINY["cls"] = ["task=cls", *SHARED_TINY[1:3], "data.synthetic.num_train=48", "data.batch_size=8"]
 FINETUNE_COMMON = [
     "data.input_size=32",
     "data.num_workers=0",

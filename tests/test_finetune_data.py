@@ -24,8 +24,8 @@ from attent_vision.data.synthetic_downstream import (
 @pytest.fixture(scope="module")
 def downstream_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("downstream")
-    ensure_classification_scenes(root / "cls", num_train=30, num_val=12, image_size=40)
-    ensure_nyu_like_scenes(root / "nyu", num_train=12, num_test=6, image_size=40)
+    ensure_classification_scenes(root / "cls", num_train=30, num_eval=12, image_size=40)
+    ensure_nyu_like_scenes(root / "nyu", num_train=12, num_eval=6, image_size=40)
     return root
 
 
@@ -34,7 +34,7 @@ def _digests(folder: Path, pattern: str) -> set[str]:
 
 
 def test_downstream_images_are_not_pretraining_images(downstream_root: Path, tmp_path: Path) -> None:
-    pretrain = ensure_synthetic_dataset(tmp_path / "pre", num_train=30, num_val=12, image_size=40)
+    pretrain = ensure_synthetic_dataset(tmp_path / "pre", num_train=30, num_eval=12, image_size=40)
     seen = _digests(pretrain, "*/rgb/*/*.png")
     cls = _digests(downstream_root / "cls", "*/*/*.png")
     nyu = _digests(downstream_root / "nyu", "*/rgb/data/*.png")
@@ -71,11 +71,11 @@ def test_nyu_like_layout_and_encodings(downstream_root: Path) -> None:
 
 def test_generation_is_reused_and_refuses_foreign_folders(downstream_root: Path, tmp_path: Path) -> None:
     stamp = (downstream_root / "cls" / "meta.json").stat().st_mtime_ns
-    ensure_classification_scenes(downstream_root / "cls", num_train=30, num_val=12, image_size=40)
+    ensure_classification_scenes(downstream_root / "cls", num_train=30, num_eval=12, image_size=40)
     assert (downstream_root / "cls" / "meta.json").stat().st_mtime_ns == stamp
     (tmp_path / "foreign" / "train").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="refusing"):
-        ensure_classification_scenes(tmp_path / "foreign", num_train=4, num_val=2, image_size=40)
+        ensure_classification_scenes(tmp_path / "foreign", num_train=4, num_eval=2, image_size=40)
 
 
 def test_classification_datamodule_items_and_class_count(downstream_root: Path) -> None:

@@ -90,7 +90,7 @@ def ensure_classification_scenes(
     root: str | Path,
     *,
     num_train: int = 768,
-    num_val: int = 384,
+    num_eval: int = 384,
     image_size: int = 80,
     max_objects: int = 4,
     seed: int = 2026,
@@ -100,7 +100,7 @@ def ensure_classification_scenes(
     Args:
         root: Output folder; receives train/<class>/, val/<class>/ and meta.json.
         num_train: Training images.
-        num_val: Evaluation images.
+        num_eval: Evaluation images (the val split).
         image_size: Image side in pixels.
         max_objects: Maximum objects per scene.
         seed: Dataset seed (the pretraining data uses its own seed and split codes).
@@ -110,7 +110,7 @@ def ensure_classification_scenes(
     """
     root = Path(root)
     params = dict(
-        num_train=num_train, num_val=num_val, image_size=image_size, max_objects=max_objects, seed=seed
+        num_train=num_train, num_eval=num_eval, image_size=image_size, max_objects=max_objects, seed=seed
     )
     expected = {"generator_version": GENERATOR_VERSION, "kind": "classification", "params": params}
     if _reusable(root, expected):
@@ -118,8 +118,8 @@ def ensure_classification_scenes(
     _reset(root, ("train", "val"))
     start = time.perf_counter()
     counts: dict[str, dict[str, int]] = {}
-    with tqdm(total=num_train + num_val, desc="downstream cls scenes", unit="img", leave=False) as bar:
-        for split, num in (("train", num_train), ("val", num_val)):
+    with tqdm(total=num_train + num_eval, desc="downstream cls scenes", unit="img", leave=False) as bar:
+        for split, num in (("train", num_train), ("val", num_eval)):
             for name in IMAGE_CLASSES:  # every class folder in every split: identical class numbering
                 (root / split / name).mkdir(parents=True, exist_ok=True)
             tally: Counter[str] = Counter()
@@ -131,7 +131,7 @@ def ensure_classification_scenes(
             counts[split] = {name: tally[name] for name in IMAGE_CLASSES}
     _write_meta(root, {**expected, "classes": list(IMAGE_CLASSES), "counts": counts})
     log.info(
-        "Generated %d + %d classification scenes in %.1f s", num_train, num_val, time.perf_counter() - start
+        "Generated %d + %d classification scenes in %.1f s", num_train, num_eval, time.perf_counter() - start
     )
     return root
 
@@ -147,7 +147,7 @@ def ensure_nyu_like_scenes(
     root: str | Path,
     *,
     num_train: int = 512,
-    num_test: int = 256,
+    num_eval: int = 256,
     image_size: int = 80,
     max_objects: int = 6,
     sensor_range_m: float = 8.0,
@@ -158,7 +158,7 @@ def ensure_nyu_like_scenes(
     Args:
         root: Output folder; receives {train,test}/{rgb,depth,semseg}/data/NNNN.png and meta.json.
         num_train: Training images.
-        num_test: Evaluation images.
+        num_eval: Evaluation images (the test split).
         image_size: Image side in pixels.
         max_objects: Maximum objects per scene.
         sensor_range_m: Depth beyond this range reads 0 (no measurement), like a structured-light sensor.
@@ -174,7 +174,7 @@ def ensure_nyu_like_scenes(
         )
     params = dict(
         num_train=num_train,
-        num_test=num_test,
+        num_eval=num_eval,
         image_size=image_size,
         max_objects=max_objects,
         sensor_range_m=sensor_range_m,
@@ -185,8 +185,8 @@ def ensure_nyu_like_scenes(
         return root
     _reset(root, ("train", "test"))
     start = time.perf_counter()
-    with tqdm(total=num_train + num_test, desc="downstream nyu-like scenes", unit="img", leave=False) as bar:
-        for split, num in (("train", num_train), ("test", num_test)):
+    with tqdm(total=num_train + num_eval, desc="downstream nyu-like scenes", unit="img", leave=False) as bar:
+        for split, num in (("train", num_train), ("test", num_eval)):
             folders = {m: root / split / m / "data" for m in ("rgb", "depth", "semseg")}
             for folder in folders.values():
                 folder.mkdir(parents=True, exist_ok=True)
@@ -213,8 +213,8 @@ def ensure_nyu_like_scenes(
             "num_classes": len(nyu_semseg_classes()),
             "class_names": nyu_semseg_classes(),
         },
-        "counts": {"train": num_train, "test": num_test},
+        "counts": {"train": num_train, "test": num_eval},
     }
     _write_meta(root, meta)
-    log.info("Generated %d + %d NYU-like scenes in %.1f s", num_train, num_test, time.perf_counter() - start)
+    log.info("Generated %d + %d NYU-like scenes in %.1f s", num_train, num_eval, time.perf_counter() - start)
     return root

@@ -271,11 +271,13 @@ class LoadReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    def counts(self) -> dict[str, int]:
+        """How many keys fell in each category."""
+        return {n: len(getattr(self, n)) for n in ("loaded", "missing", "unexpected", "resized", "skipped")}
+
     def summary(self) -> str:
         """One line of counts."""
-        counts = ", ".join(
-            f"{len(getattr(self, n))} {n}" for n in ("loaded", "missing", "unexpected", "resized", "skipped")
-        )
+        counts = ", ".join(f"{count} {name}" for name, count in self.counts().items())
         return f"{self.source} ({self.format}): {counts}"
 
 

@@ -378,7 +378,10 @@ class DPTHead(nn.Module):
         path = self.refinenets[2](path, feats[2], size=feats[1].shape[-2:])
         path = self.refinenets[1](path, feats[1], size=feats[0].shape[-2:])
         path = self.refinenets[0](path, feats[0])  # [B, F, 8·N_H, 8·N_W]
-        out = self.head(path)  # [B, C, 16·N_H, 16·N_W]
-        if tuple(out.shape[-2:]) != tuple(input_info.image_size):
-            out = F.interpolate(out, size=input_info.image_size, mode="bilinear", align_corners=False)
-        return out
+        # The reference upsamples 2x here, which lands on the image size for patch 16 (8·N → 16·N); resampling
+        # straight to the image size does the same there and keeps smaller patches from decoding at 2x the input.
+        x = self.head[0](path)
+        x = F.interpolate(x, size=tuple(input_info.image_size), mode="bilinear", align_corners=True)
+        for layer in self.head[2:]:
+            x = layer(x)
+        return x  # [B, C, H, W]
