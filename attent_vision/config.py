@@ -32,8 +32,8 @@ def _token_fraction(modalities: list[str], input_size: int, patch_size: int, den
     return max(1, total // int(denominator))
 
 
-def _short_dirname(name: str, limit: int = 120) -> str:
-    # A sweep job's directory is named after its overrides; long override lists exceed the 255-byte name limit.
+def _short_dirname(name: str, limit: int = 200) -> str:
+    # A sweep job's directory is named after its overrides; long lists would exceed the 255-byte name limit.
     if len(name) <= limit:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]

@@ -34,7 +34,7 @@ def _digests(folder: Path, pattern: str) -> set[str]:
 
 
 def test_downstream_images_are_not_pretraining_images(downstream_root: Path, tmp_path: Path) -> None:
-    pretrain = ensure_synthetic_dataset(tmp_path / "pre", num_train=30, num_eval=12, image_size=40)
+    pretrain = ensure_synthetic_dataset(tmp_path / "pre", num_train=30, num_val=12, image_size=40)
     seen = _digests(pretrain, "*/rgb/*/*.png")
     cls = _digests(downstream_root / "cls", "*/*/*.png")
     nyu = _digests(downstream_root / "nyu", "*/rgb/data/*.png")
