@@ -1,22 +1,15 @@
 """Pretrain MultiMAE: ``python train.py [group=option ...] [key=value ...]`` (see ``--help`` and ``--cfg job``)."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from attent_vision.config import ConfigError
-from attent_vision.data.modalities import DataFormatError
+from attent_vision.cli import run_entry_point
 from attent_vision.run import run_pretraining
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        return run_pretraining(cfg)
-    except (ConfigError, DataFormatError) as error:
-        # Bad input is the user's to fix: say what and where, without a traceback from deep inside.
-        sys.exit(f"{type(error).__name__}: {error}")
+    return run_entry_point(run_pretraining, cfg)
 
 
 if __name__ == "__main__":

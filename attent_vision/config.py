@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -40,10 +41,22 @@ def _short_dirname(name: str, limit: int = 200) -> str:
     return f"{name[: limit - 9]}-{digest}"
 
 
+def _run_stamp(pattern: str) -> str:
+    # A SLURM job keeps its id when it is requeued, so its run directory must not depend on the start time.
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm_{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm_{os.environ['SLURM_JOB_ID']}"
+    return datetime.now().strftime(pattern)
+
+
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", _auto_precision)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", _run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("short_dirname"):
         OmegaConf.register_new_resolver("short_dirname", _short_dirname)
     if not OmegaConf.has_resolver("launch_dir"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,19 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from attent_vision.config import ConfigError, validate_pretrain_config
+from attent_vision.data.validate import clean_worker_error
 from attent_vision.selection import AtteNTTeacher, EpochPlan
 from attent_vision.tasks.callbacks import RunSummary
+from attent_vision.tasks.checkpointing import (
+    AtomicCheckpointIO,
+    NoLoadableCheckpointError,
+    ResumePoint,
+    find_resume_checkpoint,
+    find_resume_checkpoint_file,
+    set_aside_checkpoints,
+)
+from attent_vision.tasks.loggers import ResumableCSVLogger, truncate_metrics
+from attent_vision.tasks.stops import GracefulStop, forward_signals_to_workers, restore_signal_handlers
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +113,141 @@ def finish_wandb_run() -> None:
         wandb.finish()
 
 
+class RunEnded(Exception):
+    """How a run that did not finish ended: a one-paragraph message and the process's exit status."""
+
+    def __init__(self, message: str, exit_code: int, *, requeue: bool = False) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.requeue = requeue
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+    """The configured Trainer with atomic checkpoint writes added to its plugins."""
+    plugins = [hydra.utils.instantiate(p) for p in (cfg.trainer.get("plugins") or [])]
+    plugins.append(AtomicCheckpointIO())
+    # The stop handler first: the summary written on an exception then already knows how the run stopped.
+    callbacks = sorted(callbacks, key=lambda cb: not isinstance(cb, GracefulStop))
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+
+
+def check_data(cfg: DictConfig, datamodule: Any, *, min_size: int) -> None:
+    """Opens every file of the selected splits once, before any training step (``validate_data=false`` skips it).
+
+    Problems are listed together, each naming its file; results are cached by file size and mtime.
+    """
+    datamodule.prepare_data()  # generates the embedded data if needed (locked: ranks that start together wait)
+    if cfg.get("validate_data", True):
+        datamodule.validate_files(min_size=min_size)
+
+
+def resume_checkpoint(cfg: DictConfig) -> ResumePoint | None:
+    """What this run resumes from: ``ckpt_path`` when given, else the newest loadable checkpoint of its directory.
+
+    ``resume=restart`` moves the directory's checkpoints aside and starts over; with the default ``resume=auto`` a
+    directory whose checkpoints all fail to load is an error, never a silent restart.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    explicit = cfg.get("ckpt_path")
+    mode = str(cfg.get("resume", "auto"))
+    if mode not in ("auto", "restart"):
+        raise ConfigError(f"resume: {mode!r} is not one of ['auto', 'restart']")
+    if explicit is not None:
+        try:
+            return find_resume_checkpoint_file(Path(str(explicit)))
+        except NoLoadableCheckpointError as error:
+            raise ConfigError(f"ckpt_path: {error}") from None
+    if mode == "restart":
+        moved = set_aside_checkpoints(run_dir)
+        if moved is not None:
+            log.warning("resume=restart: moved the previous checkpoints to %s and starting over", moved)
+        return None
+    try:
+        point = find_resume_checkpoint(run_dir)
+    except NoLoadableCheckpointError as error:
+        raise ConfigError(f"resume: {error}") from None
+    if point is not None:
+        log.info("Resuming from %s", point.describe(run_dir))
+    return point
+
+
+def prepare_resume(point: ResumePoint | None, summary_cb: Any, loggers: list[Any]) -> None:
+    """Continue the summary and the metrics file of the run being resumed."""
+    if point is None:
+        return
+    if summary_cb is not None:
+        summary_cb.resume(str(point.path), point.global_step)
+    for logger in loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            truncate_metrics(Path(logger.log_dir) / "metrics.csv", last_step=point.global_step)
+
+
+def ending_of(error: BaseException, cfg: DictConfig) -> RunEnded:
+    """Turns an exception out of ``trainer.fit`` into a message and an exit status, from what the run recorded."""
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    status = summary.get("status", "failed")
+    stop = summary.get("stop") or {}
+    where = f"epoch {summary.get('epochs', '?')}, step {summary.get('optimizer_steps', '?')}"
+    rerun = f"re-running the same command with hydra.run.dir={run_dir} resumes from it"
+    try:
+        last_good = find_resume_checkpoint(run_dir)
+    except NoLoadableCheckpointError:
+        last_good = None
+    if status in ("stopped", "requeued"):
+        name = stop.get("signal", "a signal")
+        signum = getattr(signal, name, signal.SIGTERM)
+        if status == "requeued":
+            return RunEnded(
+                f"Stopped by {name} for a requeue at {where}: the state is saved in {stop.get('checkpoint')}, and the "
+                f"requeued job resumes from it in {run_dir}.",
+                0,
+                requeue=True,
+            )
+        return RunEnded(
+            f"Stopped by {name} at {where}. The state is saved in {stop.get('checkpoint')}; {rerun}. (SLURM sends "
+            "SIGTERM when a job reaches its time limit: raise the time, or let jobs requeue, see 'Run on a cluster' "
+            "in the README.)",
+            128 + int(signum),
+        )
+    error_text = summary.get("error") or f"{type(error).__name__}: {error}"
+    if "DataFormatError" in f"{type(error).__name__} {error} {error_text}":
+        # A file that went bad after the start-up check, or a loader worker's error: name the file, nothing else.
+        saved = stop.get("checkpoint")
+        state = f" The state is saved in {saved}; {rerun}." if saved else ""
+        return RunEnded(
+            f"A data file failed to load at {where}: {clean_worker_error(error)}. Fix or remove it.{state}", 1
+        )
+    if status == "diverged":
+        good = (
+            f"The last good checkpoint is {last_good.describe(run_dir)}; {rerun}, with its learning rate."
+            if last_good is not None
+            else "No checkpoint was written before that, so there is nothing to resume."
+        )
+        return RunEnded(
+            f"The training loss became non-finite at {where} ({error_text.split(': ', 1)[-1].split('. ')[0]}). "
+            f"The diverged state is kept apart in {stop.get('checkpoint')} and is never resumed from. {good} "
+            f"To train differently, lower model.blr (now {cfg.model.get('blr') if 'model' in cfg else '?'}) or set "
+            "trainer.gradient_clip_val=1.0, and start a fresh run directory (or pass resume=restart), since a "
+            "resumed run restores the optimizer's learning rate.",
+            1,
+        )
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(error)))
+    saved = stop.get("checkpoint") or (str(last_good.path) if last_good is not None else None)
+    state = (
+        f"The state at that moment is saved in {saved}; fix the cause and {rerun}."
+        if saved
+        else ("Nothing was trained yet, so no checkpoint was written.")
+    )
+    return RunEnded(
+        f"Training failed at {where} with {error_text}. {state} The traceback is in {run_dir / 'error.txt'}.",
+        1,
+    )
+
+
 def run_pretraining(cfg: DictConfig) -> float | None:
     """Pretrain as configured; returns the final validation loss (the metric a sweeper would optimise)."""
     validate_pretrain_config(cfg)
@@ -109,6 +257,8 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     if cfg.get("print_plan"):
         print(json.dumps([p.as_dict() for p in plan]), flush=True)
         return None
+    resume_from = resume_checkpoint(cfg)
+    check_data(cfg, datamodule, min_size=int(cfg.model.net.patch_size))
 
     pl.seed_everything(cfg.seed, workers=True)
     # prepare_data() (generating the synthetic set) is Lightning's job: once per node, before any loader.
@@ -116,9 +266,10 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     # The teacher goes last so per-epoch timings close before it scores for the next epoch.
     callbacks = [*instantiate_group(cfg.get("callbacks")), teacher]
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
 
     summary_cb = next((cb for cb in callbacks if isinstance(cb, RunSummary)), None)
+    prepare_resume(resume_from, summary_cb, trainer.loggers)
     sizes = count_parameters(model.net)
     if summary_cb is not None:
         summary_cb.update(**sizes)
@@ -126,10 +277,7 @@ def run_pretraining(cfg: DictConfig) -> float | None:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **sizes})
     log.info("model: %s, %.2f M parameters", cfg.model.net.size, sizes["params_total"] / 1e6)
 
-    # Skipped when resuming, including the automatic resume of a requeued job from its own run directory
-    # (validating first would let the crash-checkpoint callback clean up the very file to resume from).
-    run_dir_has_checkpoints = any(Path(cfg.paths.output_dir, "checkpoints").glob("*.ckpt"))
-    if cfg.get("validate_before_training") and cfg.get("ckpt_path") is None and not run_dir_has_checkpoints:
+    if cfg.get("validate_before_training") and resume_from is None:
         # Without loggers: their files then start with the fit (Lightning's CSV logger breaks under ddp_spawn
         # when a second spawn appends to the file the first one wrote); the value goes to summary.json.
         loggers, trainer.loggers = trainer.loggers, []
@@ -140,15 +288,19 @@ def run_pretraining(cfg: DictConfig) -> float | None:
         if summary_cb is not None and initial:
             summary_cb.update(initial_val_loss=initial[0].get("val/loss"))
 
-    with warnings.catch_warnings():
-        # With the crash checkpoint configured, Lightning resumes from the run directory's last checkpoint when
-        # there is one (a requeued job in the same directory) and warns when, as usual, there is none.
-        warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
-        warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available")
-        try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        finally:
-            finish_wandb_run()
+    previous_handlers = forward_signals_to_workers(trainer)
+    # A mid-epoch checkpoint resumes that epoch's order, skipping the trained batches (the teacher's sampler
+    # keeps its position), so Lightning's warning about non-resumable loaders does not apply.
+    warnings.filterwarnings(
+        "ignore", message=r".*resuming from a checkpoint that ended before the epoch ended"
+    )
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from.path) if resume_from else None)
+    except BaseException as error:
+        raise ending_of(error, cfg) from error
+    finally:
+        restore_signal_handlers(previous_handlers)
+        finish_wandb_run()
 
     summary_path = Path(cfg.paths.output_dir, "summary.json")
     if not trainer.is_global_zero or not summary_path.is_file():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from attent_vision.config import ConfigError, validate_finetune_config
 from attent_vision.models.checkpoint import MissingEncoderWeightsError, load_pretrained, resolve_checkpoint
-from attent_vision.run import count_parameters, finish_wandb_run, instantiate_group
+from attent_vision.run import (
+    build_trainer,
+    check_data,
+    count_parameters,
+    ending_of,
+    finish_wandb_run,
+    instantiate_group,
+    prepare_resume,
+    resume_checkpoint,
+)
 from attent_vision.tasks.callbacks import FinetuneSummary
 
 log = logging.getLogger(__name__)
@@ -97,28 +105,30 @@ def run_finetuning(cfg: DictConfig) -> float | None:
             source = resolve_checkpoint(str(cfg.pretrained))
         except FileNotFoundError as error:
             raise ConfigError(f"pretrained: {error}") from None
+    resume_from = None if cfg.get("eval_only") else resume_checkpoint(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
+    check_data(cfg, datamodule, min_size=int(cfg.encoder.patch_size))
     datamodule.setup("fit")
     module = hydra.utils.instantiate(cfg.module, _convert_="all")
     report = None
-    if source is not None:
+    if source is not None and resume_from is None:
         try:
             report = load_pretrained(module.net, source, report_path=output_dir / "load_report.json")
         except MissingEncoderWeightsError as error:
             raise ConfigError(f"pretrained: {error}") from None
         log.info("pretrained weights: %s (details in load_report.json)", report.summary())
-    else:
+    elif resume_from is None:
         log.info("no pretrained weights: training from scratch")
     chance = module.chance_metrics(datamodule)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
     summary_cb = next((cb for cb in callbacks if isinstance(cb, FinetuneSummary)), None)
+    prepare_resume(resume_from, summary_cb, trainer.loggers)
     sizes = count_parameters(module.net)
     fields = {
         "task": cfg.task.name,
@@ -151,14 +161,12 @@ def run_finetuning(cfg: DictConfig) -> float | None:
             if trainer.is_global_zero:
                 (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         else:
-            with warnings.catch_warnings():
-                # With the crash checkpoint configured, Lightning looks for a last checkpoint to resume from and
-                # warns when, as usual, there is none.
-                warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
-                warnings.filterwarnings(
-                    "ignore", message=r".*is set, but there is no last checkpoint available"
+            try:
+                trainer.fit(
+                    module, datamodule=datamodule, ckpt_path=str(resume_from.path) if resume_from else None
                 )
-                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            except BaseException as error:
+                raise ending_of(error, cfg) from error
             summary_path = output_dir / "summary.json"
             if not trainer.is_global_zero or not summary_path.is_file():
                 return None

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from attent_vision.data.folder import MultiModalFolder
 from attent_vision.data.synthetic import ensure_synthetic_dataset
 from attent_vision.data.transforms import MultiModalTransform
+from attent_vision.data.validate import ValidationReport, validate_folder
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,27 @@ class MultiModalDataModule(pl.LightningDataModule):
                 len(self.train_set.classes),
                 list(self.modalities),
             )
+
+    def validate_files(self, *, min_size: int, workers: int | None = None) -> None:
+        """Opens every train and val file once, before training, and raises listing every bad one.
+
+        Results are cached by file size and mtime (see `attent_vision.data.validate`), so a restart over the same
+        data only stats the files.
+
+        Args:
+            min_size: Smallest accepted image side (the encoder's patch size).
+            workers: Decoding threads (None: one per CPU, at most 8).
+
+        Raises:
+            DataFormatError: Listing each problem (undecodable file, wrong mode or bit depth, sizes differing
+                across a sample's modalities, semseg id outside ``num_classes`` and 255, image under a patch).
+        """
+        self.setup("fit")
+        reports = [
+            validate_folder(split, min_size=min_size, num_classes=self.num_classes, workers=workers)
+            for split in (self.train_set, self.val_set)
+        ]
+        ValidationReport.combine(reports).raise_if_problems()
 
     # -- the AtteNT teacher's datamodule contract ----------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from .constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SEG_IGNORE_I
 from .folder import MultiModalFolder
 from .modalities import DataFormatError, is_image_file, read_rgb
 from .synthetic_downstream import ensure_classification_scenes, ensure_nyu_like_scenes
+from .validate import ValidationReport, validate_folder, validate_image_folder
 
 __all__ = [
     "ClassificationDataModule",
@@ -368,6 +369,24 @@ class ClassificationDataModule(_ShardedLoaders):
             self.root,
         )
 
+    def validate_files(self, *, min_size: int, workers: int | None = None) -> None:
+        """Opens every train and val image once, before training, and raises listing every bad one (cached by
+        file size and mtime, see `attent_vision.data.validate`).
+
+        Args:
+            min_size: Smallest accepted image side (the encoder's patch size).
+            workers: Decoding threads (None: one per CPU, at most 8).
+
+        Raises:
+            DataFormatError: Listing each undecodable, non-8-bit or too small image.
+        """
+        self.setup("fit")
+        reports = [
+            validate_image_folder(split, min_size=min_size, workers=workers)
+            for split in (self.train_set, self.val_set)
+        ]
+        ValidationReport.combine(reports).raise_if_problems()
+
     @property
     def class_names(self) -> list[str]:
         return list(self.val_set.classes)
@@ -487,6 +506,34 @@ class DenseDataModule(_ShardedLoaders):
             self.target,
             self.root,
         )
+
+    def validate_files(self, *, min_size: int, workers: int | None = None) -> None:
+        """Opens every train and evaluation file once, before training, and raises listing every bad one (cached
+        by file size and mtime, see `attent_vision.data.validate`).
+
+        Args:
+            min_size: Smallest accepted image side (the encoder's patch size).
+            workers: Decoding threads (None: one per CPU, at most 8).
+
+        Raises:
+            DataFormatError: Listing each problem (undecodable file, wrong mode or bit depth, sizes differing
+                across a sample's modalities, label id outside the classes, image under a patch).
+        """
+        self.setup("fit")
+        transform = self.train_transform
+        reports = [
+            validate_folder(
+                split,
+                min_size=min_size,
+                # Stored ids are checked: with reduce_zero_label, 0 (unlabeled) .. num_classes, plus the ignore index.
+                num_classes=self.num_classes if self.target == "semseg" else None,
+                ignore_index=transform.ignore_index,
+                reduce_zero_label=transform.reduce_zero_label,
+                workers=workers,
+            )
+            for split in (self.train_set, self.val_set)
+        ]
+        ValidationReport.combine(reports).raise_if_problems()
 
     @property
     def class_names(self) -> list[str] | None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import functools
 import json
 import logging
 import math
@@ -29,7 +31,7 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -798,6 +800,31 @@ def _reusable(root: Path, expected: dict[str, Any]) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def generation_lock(root: str | Path) -> Iterator[None]:
+    """An exclusive lock beside ``root``: processes that start together (DDP ranks, sweep jobs) generate it once."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def locked_generation(generate: Callable[..., Path]) -> Callable[..., Path]:
+    """Runs a dataset generator ``generate(root, ...)`` under :func:`generation_lock`."""
+
+    @functools.wraps(generate)
+    def wrapper(root: str | Path, *args: Any, **kwargs: Any) -> Path:
+        with generation_lock(root):
+            return generate(root, *args, **kwargs)
+
+    return wrapper
+
+
+@locked_generation
 def ensure_synthetic_dataset(
     root: str | Path,
     *,
@@ -812,7 +839,7 @@ def ensure_synthetic_dataset(
 
     The dataset is regenerated (its old train/, val/ and meta.json deleted first) when the parameters or the
     generator version differ, or when meta.json is missing or incomplete, e.g. after an interrupted run: meta.json is
-    written last. Not safe to call from several processes at once; call it from one (e.g. `prepare_data`).
+    written last. Processes that call it at once take turns (a lock file beside `root`).
 
     Args:
         root: Output folder; receives train/, val/ and meta.json.

@@ -31,7 +31,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from .synthetic import IMAGE_CLASSES, MAX_DEPTH_M, SEMSEG_CLASSES, render_scene
+from .synthetic import IMAGE_CLASSES, MAX_DEPTH_M, SEMSEG_CLASSES, locked_generation, render_scene
 
 __all__ = [
     "NYU_DEPTH_SCALE",
@@ -86,6 +86,7 @@ def _write_meta(root: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, root / _META)
 
 
+@locked_generation
 def ensure_classification_scenes(
     root: str | Path,
     *,
@@ -143,6 +144,7 @@ def _unlabel_boundaries(labels: np.ndarray) -> np.ndarray:
     return np.where(grown == shrunk, labels, 0).astype(np.uint8)
 
 
+@locked_generation
 def ensure_nyu_like_scenes(
     root: str | Path,
     *,

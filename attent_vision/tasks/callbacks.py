@@ -31,6 +31,10 @@ class RunSummary(pl.Callback):
     the run add their own fields through :meth:`update` (for example the initial validation loss or the AtteNT
     teacher's scoring time).
 
+    A run that resumes in its directory continues the summary: ``sessions`` lists every process that worked on the
+    run (how it ended, its wall time, scoring time and samples), the totals add them up (work redone after a crash
+    counts: it cost time), and the history keeps the epochs of the checkpoint it resumed from.
+
     Args:
         output_dir: Run directory; the file is ``<output_dir>/summary.json``.
     """
@@ -41,13 +45,30 @@ class RunSummary(pl.Callback):
         self.fit_start: float | None = None
         self.fields: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.previous_sessions: list[dict[str, Any]] = []
+        self.resumed_from: str | None = None
         self._epoch_start = 0.0
         self._val_start = 0.0
         self._val_time = 0.0
         self._samples_at_start = 0
+        self._scoring_at_start = 0.0
 
     def update(self, **fields: Any) -> None:
         self.fields.update(fields)
+
+    def resume(self, checkpoint: str, global_step: int) -> None:
+        """Continues the summary of the run this process resumes, from a checkpoint at ``global_step``."""
+        self.resumed_from = checkpoint
+        try:
+            previous = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        self.previous_sessions = previous.get("sessions") or [
+            {key: previous.get(key) for key in ("status", "wall_time_s", "scoring_time_s")}
+        ]
+        self.history = [h for h in previous.get("history", []) if h.get("optimizer_steps", 0) <= global_step]
+        if "initial_val_loss" in previous:
+            self.fields.setdefault("initial_val_loss", previous["initial_val_loss"])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
@@ -56,6 +77,13 @@ class RunSummary(pl.Callback):
         # A run resumed mid-epoch skips on_train_epoch_start for that epoch; samples_seen is cumulative.
         self._epoch_start = time.perf_counter()
         self._samples_at_start = getattr(pl_module, "samples_seen", 0) or 0
+        self._scoring_at_start = self._scoring_time(trainer)
+
+    def _scoring_time(self, trainer: pl.Trainer) -> float:
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "scoring_time_s"):
+                return float(callback.scoring_time_s)
+        return 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -91,9 +119,24 @@ class RunSummary(pl.Callback):
         trained_here = (samples or 0) - self._samples_at_start
         train_time = sum(e["train_time_s"] for e in self.history)
         val_time = sum(e.get("val_time_s", 0.0) for e in self.history)
+        session = {
+            "status": status,
+            "resumed_from": self.resumed_from,
+            "wall_time_s": round(now - self.run_start, 3),
+            "scoring_time_s": round(self._scoring_time(trainer) - self._scoring_at_start, 3),
+            "samples_processed": trained_here,
+            "optimizer_steps": trainer.global_step,
+        }
+        sessions = [*self.previous_sessions, session]
+        totals = {
+            "wall_time_s": round(sum(s.get("wall_time_s") or 0.0 for s in sessions), 3),
+            "scoring_time_s": round(sum(s.get("scoring_time_s") or 0.0 for s in sessions), 3),
+            "samples_processed": sum(s.get("samples_processed") or 0 for s in sessions) or None,
+            "restarts": len(sessions) - 1,
+        }
         return {
             "status": status,
-            "wall_time_s": round(now - self.run_start, 3),
+            "wall_time_s": totals["wall_time_s"],
             "fit_time_s": round(fit_time, 3) if fit_time is not None else None,
             "train_time_s": round(train_time, 3),  # training batches only: no validation, no scoring
             "val_time_s": round(val_time, 3),
@@ -111,6 +154,8 @@ class RunSummary(pl.Callback):
                 if k.startswith("val/loss_")
             },
             **self.fields,
+            **totals,
+            "sessions": sessions,
             "history": self.history,
         }
 
@@ -123,11 +168,14 @@ class RunSummary(pl.Callback):
         tmp.replace(self.path)
         return summary
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Collected here, on rank 0 of the training processes (the launching process of ddp_spawn has none of it).
+    def _collect(self, trainer: pl.Trainer) -> None:
+        # Collected on rank 0 of the training processes (the launching process of ddp_spawn has none of it).
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "summary_fields"):
                 self.update(**callback.summary_fields())
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect(trainer)
         checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
         self.update(checkpoint=checkpoint or None)
         self.write(trainer, pl_module, "finished")
@@ -135,8 +183,19 @@ class RunSummary(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        from attent_vision.tasks.stops import RunStopped, is_spawn_parent
+
+        if is_spawn_parent(trainer):
+            return  # the workers wrote the summary of the state they trained
+        self._collect(trainer)
+        if isinstance(exception, RunStopped):
+            status = "requeued" if exception.requeue else "stopped"
+        elif isinstance(exception, FloatingPointError):
+            status = "diverged"
+        else:
+            status = "failed"
         self.update(error=f"{type(exception).__name__}: {exception}")
-        self.write(trainer, pl_module, "failed")
+        self.write(trainer, pl_module, status)
 
 
 class SpawnedProcessGroupCleanup(pl.Callback):
@@ -171,10 +230,24 @@ class FinetuneSummary(pl.Callback):
         self.run_start = time.perf_counter()
         self.fields: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.previous_sessions: list[dict[str, Any]] = []
+        self.resumed_from: str | None = None
         self._epoch_start = 0.0
 
     def update(self, **fields: Any) -> None:
         self.fields.update(fields)
+
+    def resume(self, checkpoint: str, global_step: int) -> None:
+        """Continues the summary of the run this process resumes (sessions add up, history is kept)."""
+        self.resumed_from = checkpoint
+        try:
+            previous = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        self.previous_sessions = previous.get("sessions") or [
+            {key: previous.get(key) for key in ("status", "wall_time_s")}
+        ]
+        self.history = [h for h in previous.get("history", []) if h.get("optimizer_steps", 0) <= global_step]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -186,6 +259,7 @@ class FinetuneSummary(pl.Callback):
         metrics = {k.removeprefix("val/"): v for k, v in values.items()}
         record = {
             "epoch": trainer.current_epoch,
+            "optimizer_steps": trainer.global_step,
             "train_loss": _metric(trainer, "train/loss_epoch"),
             "val_loss": _metric(trainer, "val/loss") if validated else None,
             "epoch_time_s": round(time.perf_counter() - self._epoch_start, 3),
@@ -197,16 +271,24 @@ class FinetuneSummary(pl.Callback):
         main = getattr(pl_module, "main_metric", None)
         scored = [r for r in self.history if r.get(main) is not None]
         best = max(scored, key=lambda r: r[main]) if scored else None
-        strip = ("epoch", "train_loss", "val_loss", "epoch_time_s")
+        strip = ("epoch", "optimizer_steps", "train_loss", "val_loss", "epoch_time_s")
         metrics = {
             "main": main,
             "final": {k: v for k, v in scored[-1].items() if k not in strip} if scored else {},
             "best": {k: v for k, v in best.items() if k not in strip} if best else {},
             "best_epoch": best["epoch"] if best else None,
         }
+        session = {
+            "status": status,
+            "resumed_from": self.resumed_from,
+            "wall_time_s": round(time.perf_counter() - self.run_start, 3),
+        }
+        sessions = [*self.previous_sessions, session]
         return {
             "status": status,
-            "wall_time_s": round(time.perf_counter() - self.run_start, 3),
+            "wall_time_s": round(sum(s.get("wall_time_s") or 0.0 for s in sessions), 3),
+            "restarts": len(sessions) - 1,
+            "sessions": sessions,
             "epochs": trainer.current_epoch,
             "optimizer_steps": trainer.global_step,
             "metrics": metrics,
@@ -236,5 +318,16 @@ class FinetuneSummary(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        from attent_vision.tasks.stops import RunStopped, is_spawn_parent
+
+        if is_spawn_parent(trainer):
+            return
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "summary_fields"):
+                self.update(**callback.summary_fields())
+        if isinstance(exception, RunStopped):
+            status = "requeued" if exception.requeue else "stopped"
+        else:
+            status = "diverged" if isinstance(exception, FloatingPointError) else "failed"
         self.update(error=f"{type(exception).__name__}: {exception}")
-        self.write(trainer, pl_module, "failed")
+        self.write(trainer, pl_module, status)

@@ -171,8 +171,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
             detail = ", ".join(f"{t}={v.item():.4g}" for t, v in task_losses.items())
             raise FloatingPointError(
                 f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}): "
-                f"{detail}. Lower model.blr, set trainer.gradient_clip_val, or check the data; "
-                "the last good checkpoint is in checkpoints/last.ckpt."
+                f"{detail}"
             )
         batch_size = batch["index"].shape[0]
         self.samples_seen += batch_size * self.trainer.world_size

@@ -1,0 +1,226 @@
+"""Checkpoints that survive being killed at any moment, and the choice of which one a run resumes from.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file, syncs it and renames it into place, so a
+  checkpoint file is either complete or absent.
+- :class:`SafeModelCheckpoint` re-points ``last.ckpt`` atomically and deletes a superseded epoch file only after
+  ``last.ckpt`` points to its successor, so ``last.ckpt`` never dangles.
+- :func:`find_resume_checkpoint` picks the newest checkpoint of a run directory that actually loads (epoch files,
+  ``last.ckpt``, crash and stop checkpoints), and refuses to let a run silently start over when checkpoints exist
+  but none loads. Diverged states (``checkpoints/diverged/``) are never candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DIVERGED_DIR",
+    "AtomicCheckpointIO",
+    "NoLoadableCheckpointError",
+    "ResumePoint",
+    "SafeModelCheckpoint",
+    "atomic_torch_save",
+    "find_resume_checkpoint",
+    "find_resume_checkpoint_file",
+    "set_aside_checkpoints",
+]
+
+DIVERGED_DIR = "diverged"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic writes (temporary file, fsync, rename)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        atomic_torch_save(checkpoint, path)
+
+
+class SafeModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always points to a complete file.
+
+    Lightning deletes the superseded epoch file before re-linking ``last.ckpt`` (a kill in between leaves a dangling
+    link) and replaces the link by remove-then-create. Here superseded files are deleted only after the link points
+    to their successor, and the link is swapped in with one atomic rename.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._superseded: list[str] = []
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self._superseded.append(filepath)
+
+    def _delete_superseded(self, trainer: pl.Trainer) -> None:
+        keep = {os.path.realpath(p) for p in (self.last_model_path, self.best_model_path) if p}
+        for filepath in self._superseded:
+            if os.path.realpath(filepath) not in keep:
+                trainer.strategy.remove_checkpoint(filepath)
+        self._superseded = []
+
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                shutil.rmtree(linkpath)
+            tmp = f"{linkpath}.tmp-link"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+            os.replace(tmp, linkpath)
+            _fsync_dir(Path(linkpath).parent)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        self._delete_superseded(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._delete_superseded(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._delete_superseded(trainer)
+
+
+class NoLoadableCheckpointError(RuntimeError):
+    """The run directory has checkpoints, but none of them loads."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to resume from and how far it got."""
+
+    path: Path
+    epoch: int
+    global_step: int
+
+    def describe(self, run_dir: Path) -> str:
+        try:
+            shown = self.path.relative_to(run_dir)
+        except ValueError:
+            shown = self.path
+        return f"{shown} (epoch {self.epoch}, step {self.global_step})"
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run directory, symlinks resolved, temporary and diverged files left out."""
+    found: dict[Path, Path] = {}
+    paths = [*Path(run_dir, "checkpoints").glob("*.ckpt"), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
+    for path in paths:
+        if path.name.startswith("."):
+            continue
+        real = path.resolve()
+        if real.is_file() and real.parent.name != DIVERGED_DIR:
+            found.setdefault(real, path)
+    return sorted(found)
+
+
+def _progress(path: Path) -> tuple[int, int]:
+    """(epoch, global_step) of a Lightning checkpoint; raises when the file does not load."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError("not a Lightning checkpoint (no state_dict)")
+    return int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike[str]) -> ResumePoint | None:
+    """The newest loadable checkpoint of ``run_dir`` (most optimizer steps, then newest file), or None if it has none.
+
+    Raises:
+        NoLoadableCheckpointError: Checkpoints exist but none loads; the message lists each file and why.
+    """
+    run_dir = Path(run_dir)
+    points, problems = [], []
+    for path in _candidates(run_dir):
+        try:
+            epoch, step = _progress(path)
+        except Exception as error:  # a truncated or foreign file: report it, try the next one
+            problems.append(f"{path}: {type(error).__name__}: {error}")
+            continue
+        points.append((step, path.stat().st_mtime, ResumePoint(path, epoch, step)))
+    if points:
+        for problem in problems:
+            log.warning("Skipping a checkpoint that does not load: %s", problem)
+        return max(points, key=lambda item: item[:2])[2]
+    if problems:
+        raise NoLoadableCheckpointError(
+            f"{run_dir} has checkpoints but none of them loads, so the run cannot resume:\n  "
+            + "\n  ".join(problems)
+            + "\nTo start over in this directory anyway, pass resume=restart (the files are moved to "
+            "checkpoints/set_aside_<time>/), or choose another run directory."
+        )
+    return None
+
+
+def find_resume_checkpoint_file(path: Path) -> ResumePoint:
+    """A checkpoint named explicitly (``ckpt_path=``), checked to load.
+
+    Raises:
+        NoLoadableCheckpointError: The file does not load.
+    """
+    real = path.resolve()
+    try:
+        epoch, step = _progress(real)
+    except Exception as error:
+        raise NoLoadableCheckpointError(f"{path} does not load: {type(error).__name__}: {error}") from None
+    return ResumePoint(real, epoch, step)
+
+
+def set_aside_checkpoints(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Moves every checkpoint of ``run_dir`` into ``checkpoints/set_aside_<time>/`` (for ``resume=restart``)."""
+    ckpt_dir = Path(run_dir, "checkpoints")
+    files = [p for p in ckpt_dir.glob("*.ckpt")] + list(Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+    if not files:
+        return None
+    target = ckpt_dir / time.strftime("set_aside_%Y%m%d_%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        os.replace(path, target / path.name)
+    return target
