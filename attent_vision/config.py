@@ -34,7 +34,9 @@ def _token_fraction(modalities: list[str], input_size: int, patch_size: int, den
 
 
 def _short_dirname(name: str, limit: int = 200) -> str:
-    # A sweep job's directory is named after its overrides; long lists would exceed the 255-byte name limit.
+    # A sweep job's directory is named after its overrides: a path value must not nest it in subfolders, and long
+    # lists would exceed the 255-byte name limit.
+    name = name.replace("/", "%")
     if len(name) <= limit:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
