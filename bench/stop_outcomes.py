@@ -51,7 +51,11 @@ def _train(args: list[str], work: Path, *, timeout: int = 900) -> subprocess.Com
 
 
 def _selections(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "selection.jsonl").read_text().splitlines() if (run_dir / "selection.jsonl").exists() else []
+    lines = (
+        (run_dir / "selection.jsonl").read_text().splitlines()
+        if (run_dir / "selection.jsonl").exists()
+        else []
+    )
     events = {}
     for line in lines:  # a re-selection redone after a restart replaces the earlier line of that epoch
         event = json.loads(line)
@@ -107,8 +111,7 @@ def try_stop(kind: str, work: Path, base: list[str], reference: tuple[list, dict
         code = _train([*args, *extra], work).returncode
     stopped_after = time.perf_counter() - start
     left = _leftovers(run_dir)
-    rerun_args = args if kind != "nan" else args  # the re-run uses the sane learning rate
-    rerun = _train(rerun_args, work)
+    rerun = _train(args, work)  # the same command (after "nan": with the sane learning rate)
     resumed = next((line.split("Resuming from ", 1)[1] for line in rerun.stderr.splitlines()
                     if "Resuming from" in line), None)  # fmt: skip
     same_selections = _selections(run_dir) == reference[0]
@@ -122,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILL tries at random moments")
     parser.add_argument("--ddp", action="store_true", help="trainer=ddp_cpu (2 gloo processes)")
-    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench" / time.strftime("stops_%Y%m%d_%H%M%S"))
+    parser.add_argument(
+        "--work", type=Path, default=ROOT / "outputs" / "bench" / time.strftime("stops_%Y%m%d_%H%M%S")
+    )
     parser.add_argument("--only", default="", help="comma-separated stop kinds to run (default: all)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -134,8 +139,17 @@ def main() -> None:
         sys.exit(proc.stderr[-3000:])
     summary = json.loads((ref_dir / "summary.json").read_text())
     reference = (_selections(ref_dir), {**_final(ref_dir), "train_s": summary.get("fit_time_s") or 30.0})
-    print(json.dumps({"reference_s": round(time.perf_counter() - start, 1), "reselections": len(reference[0])}))
-    kinds = [*(["sigkill"] * args.kills), "signal:SIGTERM", "signal:SIGINT", "signal:SIGUSR1", "nan", "exception"]
+    print(
+        json.dumps({"reference_s": round(time.perf_counter() - start, 1), "reselections": len(reference[0])})
+    )
+    kinds = [
+        *(["sigkill"] * args.kills),
+        "signal:SIGTERM",
+        "signal:SIGINT",
+        "signal:SIGUSR1",
+        "nan",
+        "exception",
+    ]
     if args.only:
         kinds = [k for k in kinds if k in args.only.split(",")]
     rows = []
@@ -145,7 +159,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     (args.work / "stop_outcomes.json").write_text(json.dumps(rows, indent=2))
     mode = "ddp_cpu (2 processes)" if args.ddp else "1 process"
-    print(f"\n| stop ({mode}) | exit | left in checkpoints/ | re-run resumed from | same selections | same final losses |")
+    print(
+        f"\n| stop ({mode}) | exit | left in checkpoints/ | re-run resumed from | same selections | same final losses |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['stop']} #{row['try']} after {row['stopped_after_s']} s | {row['exit_status']} | "
