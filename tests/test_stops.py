@@ -214,3 +214,40 @@ def test_one_bad_job_of_a_multirun_fails_alone_and_the_report_lists_it(tmp_path:
         text=True,
     )
     assert "ratio.initial: 1.5 is outside (0, 1]" in report.stdout
+
+
+def test_a_file_that_breaks_after_the_start_up_check_is_one_message_from_the_worker(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from attent_vision.data.synthetic import ensure_synthetic_dataset
+
+    root = ensure_synthetic_dataset(
+        tmp_path / "ds", num_train=16, num_val=8, image_size=40, max_objects=2, seed=1
+    )
+    (root / "meta.json").unlink()  # an ordinary folder dataset now
+    victim = sorted((root / "train" / "depth").rglob("*.png"))[3]
+    Image.new("L", (40, 40)).save(victim)  # 8-bit: refused when loaded
+    args = [
+        *TINY_OVERRIDES, "data=multitask_folder", "data.synthetic=null", f"data.root={root}", "data.input_size=32",
+        "data.batch_size=4", "data.num_workers=1", "data.num_classes=8", "trainer.max_epochs=1",
+        "validate_data=false", "validate_before_training=false",
+    ]  # fmt: skip
+    proc = run_train(args, cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "A data file failed to load" in proc.stderr and f"{victim}: depth must be a 16-bit" in proc.stderr
+    assert "DataLoader worker" not in proc.stderr
+    # With the start-up check (the default), the same file is found before any training step.
+    proc = run_train([a for a in args if not a.startswith("validate_data")], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and str(victim) in proc.stderr and "training did not start" in proc.stderr
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*[a for a in LONGER if a != "logger=csv"], "logger=wandb", f"hydra.run.dir={run_dir}"]
+    stopped = run_train(
+        [*args, *_sabotage("signal:SIGTERM", 9, tmp_path / "fired")], cwd=tmp_path, check=False
+    )
+    assert stopped.returncode == 143
+    run_train([*args, *_sabotage("signal:SIGTERM", 9, tmp_path / "fired")], cwd=tmp_path)
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
