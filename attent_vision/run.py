@@ -27,6 +27,7 @@ from attent_vision.tasks.checkpointing import (
     ResumePoint,
     find_resume_checkpoint,
     find_resume_checkpoint_file,
+    remove_partial_writes,
     set_aside_checkpoints,
 )
 from attent_vision.tasks.loggers import ResumableCSVLogger, truncate_metrics
@@ -157,6 +158,8 @@ def resume_checkpoint(cfg: DictConfig) -> ResumePoint | None:
             return find_resume_checkpoint_file(Path(str(explicit)))
         except NoLoadableCheckpointError as error:
             raise ConfigError(f"ckpt_path: {error}") from None
+    for partial in remove_partial_writes(run_dir):
+        log.info("removed %s, the remains of a checkpoint write that was interrupted", partial.name)
     if mode == "restart":
         moved = set_aside_checkpoints(run_dir)
         if moved is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_torch_save",
     "find_resume_checkpoint",
     "find_resume_checkpoint_file",
+    "remove_partial_writes",
     "set_aside_checkpoints",
 ]
 
@@ -211,6 +212,16 @@ def find_resume_checkpoint_file(path: Path) -> ResumePoint:
     except Exception as error:
         raise NoLoadableCheckpointError(f"{path} does not load: {type(error).__name__}: {error}") from None
     return ResumePoint(real, epoch, step)
+
+
+def remove_partial_writes(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Deletes the temporary files of checkpoint writes that a kill interrupted (they never replaced anything)."""
+    folder = Path(run_dir, "checkpoints")
+    partial = [p for p in folder.glob(".*.tmp-*") if p.is_file() or p.is_symlink()]
+    partial += [p for p in folder.glob("*.tmp-link") if p.is_symlink() or p.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def set_aside_checkpoints(run_dir: str | os.PathLike[str]) -> Path | None:
