@@ -251,3 +251,16 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path: Path) -> None:
     run_train([*args, *_sabotage("signal:SIGTERM", 9, tmp_path / "fired")], cwd=tmp_path)
     ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
+
+
+def test_resume_ignores_and_removes_interrupted_writes(tmp_path: Path) -> None:
+    from attent_vision.tasks.checkpointing import atomic_torch_save, remove_partial_writes
+
+    ckpts = tmp_path / "checkpoints"
+    atomic_torch_save({"state_dict": {}, "epoch": 4, "global_step": 23}, ckpts / "epoch_004.ckpt")
+    (ckpts / ".epoch_005.ckpt.tmp-123").write_bytes(b"PK\x03\x04 half a zip")  # a kill during a write
+    (ckpts / "last.ckpt").symlink_to("epoch_004.ckpt")
+    point = find_resume_checkpoint(tmp_path)
+    assert point is not None and (point.epoch, point.global_step) == (4, 23)
+    assert [p.name for p in remove_partial_writes(tmp_path)] == [".epoch_005.ckpt.tmp-123"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_004.ckpt", "last.ckpt"]
