@@ -71,7 +71,10 @@ def _final(run_dir: Path) -> dict:
 def _same(a: dict, b: dict) -> bool:
     if a["status"] != "finished" or b["status"] != "finished" or a["optimizer_steps"] != b["optimizer_steps"]:
         return False
-    return all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])) for k in ("final_train_loss", "final_val_loss"))
+    keys = ("final_train_loss", "final_val_loss")
+    if any(a[k] is None or b[k] is None for k in keys):
+        return False
+    return all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])) for k in keys)
 
 
 def _leftovers(run_dir: Path) -> list[str]:

@@ -112,6 +112,9 @@ class RunSummary(pl.Callback):
             record["val_time_s"] = round(self._val_time, 3)
         self.history.append(record)
 
+    def _last(self, key: str) -> float | None:
+        return next((h[key] for h in reversed(self.history) if h.get(key) is not None), None)
+
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
         now = time.perf_counter()
         fit_time = now - self.fit_start if self.fit_start is not None else None
@@ -146,8 +149,9 @@ class RunSummary(pl.Callback):
             "train_images_per_s": round(trained_here / train_time, 2)
             if trained_here and train_time
             else None,
-            "final_train_loss": _metric(trainer, "train/loss_epoch"),
-            "final_val_loss": _metric(trainer, "val/loss"),
+            # A resumed run with nothing left to train logs no loss: the last recorded epoch's values stand.
+            "final_train_loss": _metric(trainer, "train/loss_epoch") or self._last("train_loss"),
+            "final_val_loss": _metric(trainer, "val/loss") or self._last("val_loss"),
             "final_val_losses": {
                 k.removeprefix("val/loss_"): float(v)
                 for k, v in trainer.callback_metrics.items()
