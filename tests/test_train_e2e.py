@@ -55,8 +55,12 @@ def test_resume_from_last_ckpt_continues_the_step_count(tmp_path):
 def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(tmp_path):
     """A requeued job that lands in its own directory continues instead of starting over."""
     run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/job"], cwd=tmp_path)
+    first = read_summary(tmp_path / "outputs" / "job")
     run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/job", "trainer.max_epochs=3"], cwd=tmp_path)
     summary = read_summary(tmp_path / "outputs" / "job")
     assert summary["optimizer_steps"] == 18
-    assert [e["epoch"] for e in summary["history"]] == [2]
-    assert "initial_val_loss" not in summary  # no pre-fit validation on resume
+    # the same run directory keeps the whole run's history across restarts (a new directory would start it afresh)
+    assert [e["epoch"] for e in summary["history"]] == [0, 1, 2]
+    assert summary["restarts"] == 1 and len(summary["sessions"]) == 2
+    # no second pre-fit validation on resume: the first session's value stands
+    assert summary["initial_val_loss"] == first["initial_val_loss"]
