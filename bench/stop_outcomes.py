@@ -6,10 +6,10 @@ directory resumes and ends exactly like a run that never stopped (same selection
 
 A small deterministic AtteNT run (smoke preset, soft selection over 2 cycles, 8 epochs, num_workers=0,
 trainer.deterministic=true) is run once uninterrupted as the reference. Each try runs it again, stops it (a signal
-at a random moment, a signal sent from inside at a fixed step, a diverging learning rate, an injected exception),
-records what is in checkpoints/ and the exit status, re-runs the same command in the same directory, and compares
-selection.jsonl (every re-selection's score quantiles, selected mean and class histogram) and the final losses with
-the reference. Prints JSON lines and a markdown table.
+at a random moment, a signal sent from inside at a fixed step, weights turned NaN at a fixed step as a diverging
+update would, an injected exception), records what is in checkpoints/ and the exit status, re-runs the same command
+in the same directory, and compares selection.jsonl (every re-selection's score quantiles, selected mean and class
+histogram) and the final losses with the reference. Prints JSON lines and a markdown table.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def try_stop(kind: str, work: Path, base: list[str], reference: tuple[list, dict
     elif kind == "exception":
         extra = ["+callbacks.sabotage._target_=tests.sabotage.Sabotage", "+callbacks.sabotage.at_step=20",
                  "+callbacks.sabotage.action=raise", f"+callbacks.sabotage.marker={run_dir}.fired"]  # fmt: skip
-    elif kind == "nan":
-        extra = ["model.blr=30"]
+    elif kind == "nan":  # weights turn NaN after step 20, as a diverging update does: the next loss is NaN
+        extra = ["+callbacks.sabotage._target_=tests.sabotage.Sabotage", "+callbacks.sabotage.at_step=20",
+                 "+callbacks.sabotage.action=poison", f"+callbacks.sabotage.marker={run_dir}.fired"]  # fmt: skip
     start = time.perf_counter()
     if kind == "sigkill":
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=work, env=_env(work),

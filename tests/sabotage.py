@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 
 class Sabotage(pl.Callback):
@@ -16,8 +17,9 @@ class Sabotage(pl.Callback):
 
     Args:
         at_step: Optimizer step after which to act.
-        action: "raise", "signal:<NAME>" (the process signals itself) or "marker" (write ``marker``, then sleep, so
-            that a test can signal the process from outside).
+        action: "raise", "signal:<NAME>" (the process signals itself), "poison" (set every weight to NaN, as a
+            diverging optimizer step does, so the next loss is non-finite) or "marker" (write ``marker``, then
+            sleep, so that a test can signal the process from outside).
         marker: File written when acting; its presence also keeps a resumed run from acting again.
     """
 
@@ -31,6 +33,12 @@ class Sabotage(pl.Callback):
             self.marker.write_text(str(os.getpid()))
         if self.action == "raise":
             raise RuntimeError(f"sabotage at step {self.at_step}")
+        if self.action == "poison":
+            module = args[0]
+            with torch.no_grad():
+                for param in module.parameters():
+                    param.fill_(float("nan"))
+            return
         if self.action.startswith("signal:"):
             if trainer.is_global_zero:
                 os.kill(os.getpid(), getattr(signal, self.action.split(":", 1)[1]))
