@@ -26,7 +26,9 @@ class Sabotage(pl.Callback):
     def __init__(self, *, at_step: int, action: str, marker: str) -> None:
         self.at_step, self.action, self.marker = at_step, action, Path(marker)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
         if trainer.global_step != self.at_step or self.marker.exists():
             return
         if trainer.is_global_zero:
@@ -34,9 +36,8 @@ class Sabotage(pl.Callback):
         if self.action == "raise":
             raise RuntimeError(f"sabotage at step {self.at_step}")
         if self.action == "poison":
-            module = args[0]
             with torch.no_grad():
-                for param in module.parameters():
+                for param in pl_module.parameters():
                     param.fill_(float("nan"))
             return
         if self.action.startswith("signal:"):
