@@ -2,6 +2,9 @@
 
     python bench/attent_vs_full.py                              # selection=none vs the default (soft/incr/incr)
     python bench/attent_vs_full.py --runs none soft:online hard -- trainer.max_epochs=100
+    python bench/attent_vs_full.py --runs none soft soft+scoring.refresh=cycle soft:online infobatch
+
+A run is ``strategy[:scoring][+override...]``: ``soft:full+scoring.refresh=cycle+scoring.cpu_bf16=true``.
 
 Each run is a real `python train.py` subprocess on the same data and epochs (run one after another, so they
 share the machine's state). Reads each run's summary.json and prints a JSON line per run plus a markdown table
@@ -22,11 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def overrides_for(spec: str) -> list[str]:
-    strategy, _, scoring = spec.partition(":")
+    """``soft:full+scoring.refresh=cycle`` -> selection=soft scoring=full scoring.refresh=cycle."""
+    head, *extra = spec.split("+")
+    strategy, _, scoring = head.partition(":")
     out = [f"selection={strategy}"]
     if scoring:
         out.append(f"scoring={scoring}")
-    return out
+    return [*out, *extra]
+
+
+def dirname_for(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
 
 
 def main() -> None:
@@ -39,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for spec in args.runs:
-        run_dir = Path(args.out) / spec.replace(":", "_")
+        run_dir = Path(args.out) / dirname_for(spec)
         cmd = [
             sys.executable,
             str(ROOT / "train.py"),
@@ -55,9 +64,8 @@ def main() -> None:
         full_epochs = [h["train_time_s"] for h in s["history"] if h["optimizer_steps"] is not None]
         plan_full = [h for h in s["history"]]
         reselections = s.get("reselections") or 0
-        per_pass = (
-            s["scoring_time_s"] / reselections if reselections and spec.split(":")[0] != "random" else None
-        )
+        passes = s.get("scoring_passes") or 0
+        per_pass = s["scoring_time_s"] / passes if passes else None
         full_epoch_s = statistics.median(full_epochs[:1] + full_epochs) if full_epochs else None
         row = {
             "run": spec,
@@ -67,6 +75,7 @@ def main() -> None:
             "val_time_s": s.get("val_time_s"),
             "scoring_time_s": s["scoring_time_s"],
             "reselections": reselections,
+            "scoring_passes": passes,
             "samples_seen": s["samples_seen"],
             "optimizer_steps": s["optimizer_steps"],
             "initial_val_loss": s.get("initial_val_loss"),
@@ -79,15 +88,15 @@ def main() -> None:
         rows.append(row)
     base = rows[0]
     print(
-        "\n| run | wall time (s) | vs first | train (s) | scoring (s) | samples seen | final val loss | "
+        "\n| run | wall time (s) | vs first | train (s) | scoring (s) | passes | samples seen | final val loss | "
         "scoring pass / full epoch |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         frac = f"{r['scoring_pass_s'] / r['first_epoch_train_s']:.2f}" if r["scoring_pass_s"] else "–"
         print(
             f"| {r['run']} | {r['wall_time_s']:.1f} | {r['wall_time_s'] / base['wall_time_s']:.3f} | "
-            f"{r['train_time_s']:.1f} | {r['scoring_time_s']:.1f} | {r['samples_seen']} | "
+            f"{r['train_time_s']:.1f} | {r['scoring_time_s']:.1f} | {r['scoring_passes']} | {r['samples_seen']} | "
             f"{r['final_val_loss']:.4f} | {frac} |"
         )
 

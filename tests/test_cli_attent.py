@@ -73,13 +73,31 @@ def test_plan_follows_the_chosen_groups(tmp_path):
         ("selection.temperature=0", "selection.temperature: 0 must be > 0"),
         ("scoring.batch_size=0", "scoring.batch_size: 0 must be >= 1"),
         ("selection.normalization=relu", "selection.normalization: unknown 'relu'"),
+        ("selection.reselect=always", "selection.reselect: unknown 'always'; allowed: cycle, every"),
+        ("scoring.refresh=never", "scoring.refresh: unknown 'never'; allowed: every, cycle"),
+        ("scoring.tasks=[rgb,normals]", "scoring.tasks: ['normals'] are not output tasks"),
+        (
+            "selection=infobatch selection.delta=0.005",
+            "selection.delta: 0.005 x trainer.max_epochs=100 leaves no",
+        ),
+        ("selection=infobatch selection.prune_ratio=1.5", "selection.prune_ratio: 1.5 is outside (0, 1)"),
     ],
 )
 def test_invalid_combinations_fail_at_start_up_naming_the_key(tmp_path, override, message):
-    proc = run_train(["print_plan=true", override], cwd=tmp_path, check=False)
+    proc = run_train(["print_plan=true", *override.split()], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_infobatch_plan_prunes_then_anneals_with_estimated_sizes(tmp_path):
+    plan = printed_plan(["selection=infobatch"], tmp_path)
+    assert len(plan) == 100 and plan[0]["kind"] == "full"
+    pruned = [p for p in plan if p["kind"] == "subset"]
+    assert [p["epoch"] for p in pruned] == list(range(1, 88))  # epochs e < 0.875 x 100, the first excepted
+    assert all(p["estimated"] and p["reselect"] and p["cycle"] is None for p in pruned)
+    assert all(p["kind"] == "full" and "estimated" not in p for p in plan[88:])  # the final 12 anneal
+    assert pruned[0]["num_samples"] == 256 - 64  # estimate before any score: half of the set below the mean
 
 
 def test_unknown_strategy_lists_the_options(tmp_path):
@@ -138,7 +156,7 @@ def test_ablation_grid_sweep_and_report(tmp_path):
     )
 
     proc = subprocess.run(
-        [sys.executable, "-m", "attent_vision.report", str(sweep)],
+        [sys.executable, "-m", "attent_vision.tools.report", str(sweep)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,4 +1,7 @@
-"""Schedules and the epoch plan of the AtteNT teacher (reference §6.2-6.3, bugs A6/A11; design §3)."""
+"""Schedules and the epoch plan of the AtteNT teacher.
+
+The original formulas; no epoch dropped, the same k in every subset epoch of a cycle.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,19 @@ import re
 
 import pytest
 
-from attent_vision.selection.plan import build_plan, plan_totals, steps_for, subset_size
+from attent_vision.selection.plan import (
+    PlanRequest,
+    build_plan,
+    first_reselection_of_cycle,
+    full_data_plan,
+    plan_totals,
+    resolve_estimate,
+    steps_for,
+    subset_size,
+)
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 
-# Reference §6.2, defaults 0.2 -> 0.8 over T = 10 cycles.
+# The original AtteNT ratio formulas, defaults 0.2 -> 0.8 over T = 10 cycles.
 COSINE_REF = [0.200, 0.218, 0.270, 0.350, 0.448, 0.552, 0.650, 0.730, 0.782, 0.800]
 INCREMENTAL_REF = [0.200, 0.267, 0.333, 0.400, 0.467, 0.533, 0.600, 0.667, 0.733, 0.800]
 
@@ -134,7 +146,14 @@ def _cycles(plan) -> dict[int, list]:
 
 PLAN_CASES = [
     # (max_epochs, total_cycles, interval schedule, dataset_size, batch, world)
-    (100, 10, IntervalSchedule("fixed", 5), 1000, 8, 1),  # 99 = 9 * 10 + 9: remainder (A6 would drop it)
+    (
+        100,
+        10,
+        IntervalSchedule("fixed", 5),
+        1000,
+        8,
+        1,
+    ),  # 99 = 9 * 10 + 9: the remainder goes to the last cycles, not dropped
     (800, 10, IntervalSchedule("fixed", 5), 1000, 8, 2),
     (800, 10, IntervalSchedule("incremental", 5, 50), 997, 4, 3),
     (95, 10, IntervalSchedule("incremental", 5, 10), 640, 16, 4),
@@ -146,10 +165,10 @@ PLAN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy", ["soft", "hard", "random"])
+@pytest.mark.parametrize("reselect", ["every", "cycle"])
 @pytest.mark.parametrize(("max_epochs", "total", "interval", "m", "batch", "world"), PLAN_CASES)
 def test_plan_structure(
-    strategy: str, max_epochs: int, total: int, interval: IntervalSchedule, m: int, batch: int, world: int
+    reselect: str, max_epochs: int, total: int, interval: IntervalSchedule, m: int, batch: int, world: int
 ) -> None:
     ratio = RatioSchedule("cosine", 0.2, 0.8)
     plan = build_plan(
@@ -157,12 +176,12 @@ def test_plan_structure(
         dataset_size=m,
         batch_size=batch,
         world_size=world,
-        strategy=strategy,
+        reselect=reselect,
         ratio=ratio,
         interval=interval,
         total_cycles=total,
     )
-    # No epoch dropped (A6), epochs numbered in order.
+    # No epoch dropped (the original loop lost the remainder), epochs numbered in order.
     assert len(plan) == max_epochs
     assert [p.epoch for p in plan] == list(range(max_epochs))
 
@@ -181,7 +200,7 @@ def test_plan_structure(
     assert sum(lengths) == max_epochs - 1
     assert max(lengths) - min(lengths) <= 1  # epochs shared out evenly
 
-    every = strategy == "soft"
+    every = reselect == "every"
     for c, epochs in cycles.items():
         n_subset = interval(c, total)
         assert [p.kind for p in epochs] == ["subset"] * n_subset + ["full"] * (len(epochs) - n_subset)
@@ -191,7 +210,7 @@ def test_plan_structure(
         for i, p in enumerate(epochs):
             if p.kind == "subset":
                 assert p.ratio == pytest.approx(r)
-                # Same k in every subset epoch of the cycle (no A11 shrinkage on re-selection).
+                # Same k in every subset epoch of the cycle (the original shrank it at each re-selection).
                 assert p.num_samples == k
                 assert p.num_steps == (k // world) // batch
                 assert p.num_steps >= 1
@@ -207,7 +226,6 @@ def test_plan_remainder_is_kept_in_later_cycles() -> None:
         max_epochs=100,
         dataset_size=1000,
         batch_size=10,
-        strategy="hard",
         interval=IntervalSchedule("fixed", 5),
         total_cycles=10,
     )
@@ -221,8 +239,8 @@ def test_plan_reselect_override() -> None:
     kwargs = dict(
         max_epochs=31, dataset_size=200, batch_size=4, total_cycles=3, interval=IntervalSchedule("fixed", 4)
     )
-    soft_once = build_plan(strategy="soft", reselect_every_subset_epoch=False, **kwargs)
-    hard_every = build_plan(strategy="hard", reselect_every_subset_epoch=True, **kwargs)
+    soft_once = build_plan(reselect="cycle", **kwargs)
+    hard_every = build_plan(reselect="every", **kwargs)
     assert sum(p.reselect for p in soft_once) == 3
     assert sum(p.reselect for p in hard_every) == 12
     assert all(p.reselect == (p.kind == "subset") for p in hard_every)
@@ -239,10 +257,8 @@ def test_subset_size_rounding() -> None:
     assert steps_for(1000, world_size=3, batch_size=7) == 47
 
 
-def test_plan_strategy_none_is_all_full() -> None:
-    plan = build_plan(
-        max_epochs=17, dataset_size=101, batch_size=5, world_size=2, strategy="none", total_cycles=10
-    )
+def test_full_data_plan_is_all_full() -> None:
+    plan = full_data_plan(PlanRequest(max_epochs=17, dataset_size=101, batch_size=5, world_size=2))
     assert len(plan) == 17
     assert all(p.kind == "full" and p.cycle is None and not p.reselect and p.ratio == 1.0 for p in plan)
     assert {p.num_samples for p in plan} == {100}
@@ -262,7 +278,7 @@ def test_plan_strategy_none_is_all_full() -> None:
     ],
 )
 def test_plan_too_few_epochs_suggests_a_working_minimum(total: int, interval: IntervalSchedule) -> None:
-    kwargs = dict(dataset_size=500, batch_size=4, strategy="soft", interval=interval, total_cycles=total)
+    kwargs = dict(dataset_size=500, batch_size=4, reselect="every", interval=interval, total_cycles=total)
     with pytest.raises(ValueError, match=r"trainer\.max_epochs") as info:
         build_plan(max_epochs=3, **kwargs)
     match = re.search(r"trainer\.max_epochs>=(\d+)", str(info.value))
@@ -280,7 +296,7 @@ def test_plan_too_few_epochs_suggests_a_working_minimum(total: int, interval: In
 def test_plan_minimum_for_defaults() -> None:
     # Default intervals 5,5,6,6,7,7,8,8,9,10: with an even split the last cycle needs 10 epochs, so cycle lengths
     # are at least [9] * 9 + [10] = 91, plus the initial full epoch.
-    kwargs = dict(dataset_size=500, batch_size=4, strategy="hard")
+    kwargs = dict(dataset_size=500, batch_size=4)
     with pytest.raises(ValueError, match=r"trainer\.max_epochs>=92"):
         build_plan(max_epochs=80, **kwargs)
     assert len(build_plan(max_epochs=92, **kwargs)) == 92
@@ -291,14 +307,14 @@ def test_plan_minimum_for_defaults() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        (dict(strategy="greedy"), "selection.strategy"),
+        (dict(reselect="sometimes"), "selection.reselect"),
         (dict(total_cycles=0), "selection.total_cycles"),
         (dict(max_epochs=0), "trainer.max_epochs"),
         (dict(ratio=RatioSchedule("constant", 0.01, 0.01)), "ratio.initial"),  # 1 sample < one batch
     ],
 )
 def test_plan_invalid_arguments_name_the_key(kwargs: dict, key: str) -> None:
-    args = dict(max_epochs=50, dataset_size=200, batch_size=4, strategy="soft", total_cycles=5)
+    args = dict(max_epochs=50, dataset_size=200, batch_size=4, reselect="every", total_cycles=5)
     args.update(kwargs)
     with pytest.raises(ValueError, match=re.escape(key)):
         build_plan(**args)
@@ -306,7 +322,7 @@ def test_plan_invalid_arguments_name_the_key(kwargs: dict, key: str) -> None:
 
 def test_plan_dataset_smaller_than_one_global_batch() -> None:
     with pytest.raises(ValueError, match="batch"):
-        build_plan(max_epochs=5, dataset_size=7, batch_size=4, world_size=2, strategy="none")
+        full_data_plan(PlanRequest(max_epochs=5, dataset_size=7, batch_size=4, world_size=2))
 
 
 def test_plan_totals() -> None:
@@ -315,7 +331,7 @@ def test_plan_totals() -> None:
         dataset_size=1000,
         batch_size=10,
         world_size=2,
-        strategy="soft",
+        reselect="every",
         ratio=RatioSchedule("incremental", 0.2, 0.8),
         interval=IntervalSchedule("incremental", 5, 10),
         total_cycles=10,
@@ -331,10 +347,10 @@ def test_plan_totals() -> None:
     full_steps = (1000 // 2) // 10
     assert totals["step_fraction"] == pytest.approx(totals["optimizer_steps"] / (full_steps * 100))
 
-    hard = plan_totals(build_plan(max_epochs=100, dataset_size=1000, batch_size=10, strategy="hard"))
+    hard = plan_totals(build_plan(max_epochs=100, dataset_size=1000, batch_size=10, reselect="cycle"))
     assert hard["reselections"] == 10
 
-    none = plan_totals(build_plan(max_epochs=9, dataset_size=1000, batch_size=10, strategy="none"))
+    none = plan_totals(full_data_plan(PlanRequest(max_epochs=9, dataset_size=1000, batch_size=10)))
     assert none == {
         "epochs": 9,
         "subset_epochs": 0,
@@ -347,5 +363,50 @@ def test_plan_totals() -> None:
 
 
 def test_plan_is_a_pure_function() -> None:
-    kwargs = dict(max_epochs=95, dataset_size=640, batch_size=16, world_size=4, strategy="soft")
+    kwargs = dict(max_epochs=95, dataset_size=640, batch_size=16, world_size=4, reselect="every")
     assert [p.as_dict() for p in build_plan(**kwargs)] == [p.as_dict() for p in build_plan(**kwargs)]
+
+
+def test_printed_entries_keep_seven_keys_unless_estimated() -> None:
+    plan = build_plan(max_epochs=92, dataset_size=500, batch_size=4)
+    assert all(
+        set(p.as_dict()) == {"epoch", "kind", "cycle", "ratio", "num_samples", "num_steps", "reselect"}
+        for p in plan
+    )
+    request = PlanRequest(max_epochs=4, dataset_size=100, batch_size=4, world_size=2)
+    estimated = request.subset_epoch(1, None, 60, reselect=True, estimated=True)
+    assert estimated.as_dict()["estimated"] is True
+    assert (estimated.ratio, estimated.num_steps) == (0.6, 7)
+
+
+def test_first_reselection_of_cycle() -> None:
+    plan = build_plan(
+        max_epochs=13,
+        dataset_size=100,
+        batch_size=4,
+        total_cycles=2,
+        reselect="every",
+        interval=IntervalSchedule("fixed", 3),
+    )
+    firsts = [p.epoch for p in plan if p.reselect and first_reselection_of_cycle(plan, p.epoch)]
+    assert firsts == [1, 7]
+    assert [p.epoch for p in plan if p.reselect] == [1, 2, 3, 7, 8, 9]
+
+
+def test_resolve_estimate_fixes_its_epoch_and_re_estimates_the_later_ones() -> None:
+    request = PlanRequest(max_epochs=6, dataset_size=100, batch_size=4, world_size=2)
+    plan = [
+        request.full_epoch(0),
+        *(request.subset_epoch(e, None, 70, reselect=True, estimated=True) for e in (1, 2, 3)),
+        request.full_epoch(4),
+        request.full_epoch(5),
+    ]
+    resolved = resolve_estimate(plan, 1, 58, request)
+    assert [p.num_samples for p in resolved] == [100, 58, 58, 58, 100, 100]
+    assert [p.estimated for p in resolved] == [False, False, True, True, False, False]
+    assert resolved[1].num_steps == 7 and resolved[1].ratio == pytest.approx(0.58)
+    assert plan[1].num_samples == 70  # a new plan; the old one is untouched
+    again = resolve_estimate(resolved, 2, 64, request)
+    assert [p.num_samples for p in again] == [100, 58, 64, 64, 100, 100]
+    with pytest.raises(ValueError, match="no full batch"):
+        resolve_estimate(plan, 1, 6, request)

@@ -1,4 +1,4 @@
-"""SubsetSampler (sharding, per-epoch reshuffle; reference bugs A4, A12) and ScoreBank (design §3, hazard H1)."""
+"""SubsetSampler (sharding, per-epoch reshuffle, rank-independent order) and ScoreBank (exact indices)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_shards_are_equal_disjoint_and_cover_the_pool(world: int, pool_size: int
     pool = _pool(100, pool_size)
     samplers = _ranks(100, world, pool=pool, epoch=epoch)
 
-    # Every rank computes the same global order: the rank never enters the shuffle (A4).
+    # Every rank computes the same global order: the rank never enters the shuffle (else shards overlap).
     orders = [s.epoch_order() for s in samplers]
     assert all(torch.equal(orders[0], o) for o in orders[1:])
     assert orders[0].dtype == torch.int64
@@ -67,7 +67,7 @@ def test_full_set_sharding(world: int) -> None:
 
 
 def test_set_epoch_reshuffles_and_same_epoch_reproduces() -> None:
-    """A12: the reference never called set_epoch, so every full epoch shuffled identically."""
+    """Each epoch reshuffles (the original code never called set_epoch, so every full epoch had one order)."""
     sampler = SubsetSampler(200, seed=7)
     sampler.set_epoch(0)
     e0 = list(sampler)

@@ -1,4 +1,4 @@
-"""Selection strategies: random, hard (top-k) and soft (Gumbel-top-k) — reference §6.5, bug A8, design §3.
+"""Selection rules and selectors: random, hard (top-k) and soft (Gumbel-top-k, temperature before the noise).
 
 Frequency tests use fixed generator seeds and bounds of >= 5 standard deviations, so they never flake, while the
 alternatives they guard against (top-k, a temperature applied after the noise, ...) miss them by far more.
@@ -11,7 +11,14 @@ import itertools
 import pytest
 import torch
 
-from attent_vision.selection.strategies import log_weights, select, select_hard, select_random, select_soft
+from attent_vision.selection.selectors import (
+    FullData,
+    HardSelector,
+    RandomSelector,
+    SoftSelector,
+    select,
+)
+from attent_vision.selection.strategies import log_weights, select_hard, select_random, select_soft
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +193,7 @@ def test_soft_k_gt_1_is_plackett_luce_and_monotone_in_score() -> None:
 
 
 def test_temperature_changes_the_selection() -> None:
-    """A8: the reference divided the keys by tau *after* adding the noise, which leaves the top-k unchanged."""
+    """The original code divided the keys by tau *after* adding the noise, which leaves the top-k unchanged."""
     n, k, draws = 10, 2, 2000
     scores = torch.linspace(0, 3, n)
     sharp = _inclusion("soft", scores, k, draws, seed=41, temperature=0.25)
@@ -224,7 +231,7 @@ def test_soft_sigmoid_normalisation() -> None:
 
 
 def test_soft_sigmoid_is_nearly_uniform_for_positive_losses() -> None:
-    # Reference §6.5: log sigmoid(loss) lies in (-0.69, 0) for positive losses, so weights differ by < 2x.
+    # Sigmoid normalisation: log sigmoid(loss) lies in (-0.69, 0) for positive losses, so weights differ by < 2x.
     n, k = 10, 3
     scores = torch.linspace(0.5, 5, n)
     freq = _inclusion("soft", scores, k, 3000, seed=52, normalization="sigmoid")
@@ -263,3 +270,39 @@ def test_select_random_direct_call_matches_dispatch() -> None:
     scores = torch.randn(30)
     direct = select_random(scores, 12, generator=_gen(9)).sort().values
     assert torch.equal(direct, select("random", scores, 12, generator=_gen(9)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selectors (what the selection group builds)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "needs_scores"),
+    [
+        ("none", FullData, False),
+        ("random", RandomSelector, False),
+        ("hard", HardSelector, True),
+        ("soft", SoftSelector, True),
+    ],
+)
+def test_each_selection_option_builds_its_selector_with_only_its_keys(compose_cfg, name, cls, needs_scores):
+    import hydra
+
+    cfg = compose_cfg(f"selection={name}")
+    selector = hydra.utils.instantiate(cfg.selection)
+    assert type(selector) is cls and selector.strategy == name and selector.needs_scores is needs_scores
+    keys = set(cfg.selection) - {"_target_"}
+    assert keys == set(selector.summary())  # every key is a constructor argument, none is dead
+    if name != "soft":
+        assert "temperature" not in keys and "normalization" not in keys
+
+
+def test_soft_selector_defaults_and_validation() -> None:
+    soft = SoftSelector()
+    assert (soft.reselect, soft.temperature, soft.normalization) == ("every", 1.0, "softmax")
+    assert HardSelector().reselect == "cycle"
+    with pytest.raises(ValueError, match=r"selection\.reselect"):
+        HardSelector(reselect="always")
+    with pytest.raises(ValueError, match=r"selection\.total_cycles"):
+        RandomSelector(total_cycles=0)

@@ -12,24 +12,29 @@ import torch
 
 from attent_vision.selection import (
     AtteNTTeacher,
+    FullPassScorer,
+    HardSelector,
+    InfoBatchPruner,
     IntervalSchedule,
+    OnlineScorer,
     RatioSchedule,
+    SoftSelector,
     TeacherSetupError,
-    build_plan,
 )
 from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.tasks.lr_schedule import warmup_cosine_lr
 from tests.conftest import read_summary, run_train
-from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor
+from tests.toy_selection import LossProportional, ShardRecorder, ToyDataModule, ToyRegressor
+
+SCORERS = {"full": FullPassScorer, "online": OnlineScorer}
 
 
-def make_teacher(tmp_path: Path, **kwargs) -> AtteNTTeacher:
+def make_teacher(tmp_path: Path, *, selector=None, scoring: str = "full", **kwargs) -> AtteNTTeacher:
     defaults = dict(
-        strategy="hard",
+        selector=selector or HardSelector(total_cycles=2),
+        scorer=SCORERS[scoring](),
         ratio=RatioSchedule(kind="incremental", initial=0.25, final=0.5),
         interval=IntervalSchedule(kind="fixed", initial=2),
-        total_cycles=2,
-        scoring="full",
         seed=3,
         output_dir=str(tmp_path),
         plot=False,
@@ -95,6 +100,82 @@ def test_online_scoring_reuses_training_losses_without_a_scoring_pass(tmp_path):
     assert len(teacher.history) == 2
 
 
+def test_a_new_strategy_is_one_class(tmp_path):
+    """A user's selector (tests/toy_selection.py, 8 lines) runs through the teacher unchanged."""
+    teacher = make_teacher(tmp_path, selector=LossProportional(total_cycles=2, reselect="every"))
+    trainer = toy_trainer(tmp_path, [teacher])
+    trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=64, batch_size=4))
+    assert [e["strategy"] for e in teacher.history] == ["lossprop"] * 4
+    assert [e["k"] for e in teacher.history] == [16, 16, 32, 32]
+    # drawn in proportion to the squared noise: the selected samples are the harder ones on average
+    assert all(e["selected_score_mean"] > e["all_score_mean"] for e in teacher.history)
+    assert teacher.summary_fields()["selection"]["strategy"] == "lossprop"
+
+
+def test_cycle_refresh_scores_once_per_cycle_and_re_draws_from_the_same_scores(tmp_path):
+    """scoring.refresh=cycle: soft re-draws before every subset epoch, but only the first of a cycle scores."""
+    teacher = make_teacher(
+        tmp_path,
+        selector=SoftSelector(total_cycles=2, temperature=0.5),
+        scorer=FullPassScorer(refresh="cycle"),
+    )
+    module = ToyRegressor()
+    passes = []
+    original = module.score_batch
+    module.score_batch = lambda batch, **kw: passes.append(len(batch["index"])) or original(batch, **kw)
+    toy_trainer(tmp_path, [teacher]).fit(module, datamodule=ToyDataModule(num_samples=64, batch_size=4))
+    assert [e["epoch"] for e in teacher.history] == [1, 2, 4, 5]
+    assert [e["scored"] for e in teacher.history] == [True, False, True, False]
+    assert teacher.scoring_passes == 2 and sum(passes) == 2 * 64
+    first, second = teacher.history[0], teacher.history[1]
+    assert first["score_median"] == second["score_median"]  # the same bank, another Gumbel draw
+    assert first["overlap_with_previous"] is None and second["overlap_with_previous"] < 1.0
+
+
+class Unscorable(pl.LightningModule):
+    """Trains like ToyRegressor but has neither score_batch nor set_sample_weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ToyRegressor()
+
+    def training_step(self, batch, batch_idx):
+        return self.inner.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return self.inner.configure_optimizers()
+
+
+class NoSamplerData(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.batch_size = ToyDataModule(), 4
+
+    def train_dataset(self):
+        return self.inner.train_dataset()
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
+
+
+def test_contract_errors_name_the_missing_member_and_its_signature(tmp_path):
+    with pytest.raises(TeacherSetupError) as info:
+        toy_trainer(tmp_path, [make_teacher(tmp_path)]).fit(Unscorable(), datamodule=ToyDataModule())
+    message = str(info.value)
+    assert "`score_batch(batch, *, seed: int | None) -> Tensor (B,)` (ScorableModule)" in message
+    assert "scoring=online" in message
+
+    infobatch = make_teacher(tmp_path, selector=InfoBatchPruner(), scoring="online")
+    with pytest.raises(TeacherSetupError) as info:
+        toy_trainer(tmp_path, [infobatch]).fit(Unscorable(), datamodule=ToyDataModule())
+    assert "`set_sample_weights(weights: Tensor | None) -> None` (WeightedLossModule)" in str(info.value)
+    assert "selection=infobatch" in str(info.value) and "score_batch" not in str(info.value)
+
+    with pytest.raises(TeacherSetupError) as info:
+        toy_trainer(tmp_path, [make_teacher(tmp_path)]).fit(ToyRegressor(), datamodule=NoSamplerData())
+    assert "`set_train_sampler(sampler: Sampler[int]) -> None` (SelectableDataModule)" in str(info.value)
+
+
 def test_teacher_refuses_a_trainer_that_would_rewrap_its_sampler(tmp_path):
     teacher = make_teacher(tmp_path)
     trainer = pl.Trainer(
@@ -115,22 +196,13 @@ def test_teacher_refuses_a_trainer_that_would_rewrap_its_sampler(tmp_path):
 @pytest.mark.parametrize(("scoring", "num_samples"), [("full", 67), ("online", 66)])
 def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path, scoring, num_samples):
     """gloo DDP with 2 CPU processes: same subset on both ranks, disjoint equal shards covering it, same steps."""
-    teacher = make_teacher(tmp_path, strategy="soft", seed=5, scoring=scoring)
+    teacher = make_teacher(tmp_path, selector=SoftSelector(total_cycles=2), seed=5, scoring=scoring)
     recorder = ShardRecorder(str(tmp_path / "shards"))
     trainer = toy_trainer(
         tmp_path, [teacher, recorder, SpawnedProcessGroupCleanup()], devices=2, strategy="ddp_spawn"
     )
     trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=num_samples, batch_size=4))
-    plan = build_plan(
-        max_epochs=7,
-        dataset_size=num_samples,
-        batch_size=4,
-        world_size=2,
-        strategy="soft",
-        ratio=teacher.ratio,
-        interval=teacher.interval,
-        total_cycles=2,
-    )
+    plan = teacher.make_plan(max_epochs=7, dataset_size=num_samples, batch_size=4, world_size=2)
     ranks = [json.loads((tmp_path / "shards" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 7
     for r0, r1, step in zip(*ranks, plan, strict=True):
@@ -182,7 +254,7 @@ def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(tmp_path):
     ]
     assert lrs == pytest.approx(expected, rel=1e-5)
     assert lrs[-1] == pytest.approx(1e-5)
-    assert len(set(lrs[warmup:])) == total - warmup  # no schedule position used twice (A5)
+    assert len(set(lrs[warmup:])) == total - warmup  # no schedule position used twice
 
     # observability: one selection.jsonl line per re-selection, the summary fields and the plot
     events = [json.loads(line) for line in (run_dir / "selection.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""A small non-MultiMAE LightningModule and DataModule that meet the AtteNT teacher's contract.
+"""A small non-MultiMAE LightningModule and DataModule that meet the AtteNT teacher's contract, and a user-defined
+selector (what a new strategy takes: one class here plus one YAML file).
 
 Importable (not a test file) so that ``ddp_spawn`` workers can unpickle them.
 """
@@ -6,12 +7,15 @@ Importable (not a test file) so that ``ddp_spawn`` workers can unpickle them.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from attent_vision.selection import CycleSelector
 
 
 class NoisyRegression(Dataset):
@@ -54,7 +58,7 @@ class ToyDataModule(pl.LightningDataModule):
 
 
 class ToyRegressor(pl.LightningModule):
-    """Linear regression reporting a squared error per sample.
+    """Linear regression reporting a squared error per sample; takes per-sample loss weights (InfoBatch).
 
     It starts at the true weights, so each sample's loss is its own noise: the difficulty ranking is known.
     """
@@ -66,13 +70,18 @@ class ToyRegressor(pl.LightningModule):
             self.linear.weight.copy_(torch.arange(1, dim + 1, dtype=torch.float32)[None])
             self.linear.bias.zero_()
         self.lr = lr
+        self.sample_weights: torch.Tensor | None = None
+
+    def set_sample_weights(self, weights: torch.Tensor | None) -> None:
+        self.sample_weights = weights
 
     def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (self.linear(batch["x"]).squeeze(-1) - batch["y"]) ** 2
 
     def training_step(self, batch, batch_idx):
         losses = self.per_sample_loss(batch)
-        return {"loss": losses.mean(), "sample_loss": losses.detach(), "index": batch["index"]}
+        weights = 1.0 if self.sample_weights is None else self.sample_weights[batch["index"]]
+        return {"loss": (weights * losses).mean(), "sample_loss": losses.detach(), "index": batch["index"]}
 
     @torch.no_grad()
     def score_batch(self, batch, *, seed=None):
@@ -93,12 +102,15 @@ class ShardRecorder(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         sampler = trainer.datamodule.sampler
         self._steps = 0
+        weights = getattr(pl_module, "sample_weights", None)
+        pool = sorted(sampler.pool.tolist())
         self.records.append(
             {
                 "epoch": trainer.current_epoch,
-                "pool": sorted(sampler.pool.tolist()),
+                "pool": pool,
                 "shard": list(iter(sampler)),
                 "len": len(sampler),
+                "weights": None if weights is None else weights[pool].tolist(),
             }
         )
 
@@ -123,3 +135,13 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossProportional(CycleSelector):
+    """A user's strategy: k samples without replacement, with probability proportional to their score."""
+
+    strategy: str = "lossprop"
+
+    def choose(self, scores: torch.Tensor, k: int, *, generator: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(scores.clamp_min(1e-12), k, replacement=False, generator=generator)

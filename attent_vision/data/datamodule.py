@@ -12,9 +12,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attent_vision.data.folder import MultiModalFolder
+from attent_vision.data.modalities import DEFAULT_MODALITIES
 from attent_vision.data.synthetic import ensure_synthetic_dataset
 from attent_vision.data.transforms import MultiModalTransform
 from attent_vision.data.validate import ValidationReport, validate_folder
+from attent_vision.seeds import item_seed
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,11 @@ class EpochTaggedSampler(Sampler):
 
 
 class SeededAugmentation(Dataset):
-    """Draws each item's random augmentation from a generator seeded by (seed, epoch, index).
+    """Draws each item's random augmentation from the ``augmentation`` seed stream keyed by (seed, epoch, index).
 
     A sample's crop and flip then depend on neither the loader worker that reads it, nor the rank, nor whether
-    the run was resumed: a resumed run sees exactly the augmentations of an uninterrupted one.
+    the run was resumed: a resumed run sees exactly the augmentations of an uninterrupted one. The stream differs
+    from the training masks' (``attent_vision.seeds``), so a sample's crop and its mask are drawn independently.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -57,7 +60,7 @@ class SeededAugmentation(Dataset):
         # its state back afterwards (50x cheaper than torch.random.fork_rng + torch.manual_seed).
         generator = torch.default_generator
         state = generator.get_state()
-        generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+        generator.manual_seed(item_seed("augmentation", self.seed, epoch, index=index))
         try:
             return self.dataset[index]
         finally:
@@ -93,7 +96,7 @@ class MultiModalDataModule(pl.LightningDataModule):
         train_dir: str = "train",
         val_dir: str = "val",
         synthetic: dict[str, Any] | None = None,
-        modalities: Sequence[str] = ("rgb", "depth", "semseg"),
+        modalities: Sequence[str] = DEFAULT_MODALITIES,
         num_classes: int = 133,
         input_size: int = 224,
         semseg_stride: int = 4,

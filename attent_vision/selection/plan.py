@@ -1,26 +1,38 @@
 """The epoch plan: for every epoch, full or subset, its cycle, ratio, samples, steps and re-selections.
 
-Structure (as the reference, with no epochs dropped): one initial full epoch, then ``total_cycles`` cycles. Each
-cycle re-selects a subset, trains ``interval`` epochs on it, then trains full epochs until the cycle ends. The
-``max_epochs - 1`` epochs after the first are shared out as evenly as possible; the later cycles (whose
-intervals are longest) get the remainder. The plan is a pure function, printable before any training.
+Plans are pure functions of the run's shape (:class:`PlanRequest`) and the keys of the selector that asks for
+them, printable before any training:
+
+* :func:`full_data_plan` — every epoch on the whole set (the baseline).
+* :func:`cycle_plan` — AtteNT (the reference's structure, no epoch dropped): one initial full epoch, then
+  ``total_cycles`` cycles; each re-selects a subset, trains ``interval`` epochs on it, then full epochs until the
+  cycle ends. The ``max_epochs - 1`` epochs after the first are shared out as evenly as possible; the later
+  cycles (whose intervals are longest) get the remainder.
+
+An entry may be *estimated* when its size depends on scores not known yet (InfoBatch prunes a share of the
+below-mean samples): :func:`resolve_estimate` fixes it when its epoch is selected, and carries the realised size
+over to the later estimated entries as their new estimate.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 
-STRATEGIES = ("none", "random", "hard", "soft")
+Reselect = Literal["cycle", "every"]
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """What one epoch does. ``cycle`` is None for epochs outside any cycle (the first, and every epoch without
-    selection); ``reselect`` says that scores are refreshed and a subset drawn before the epoch starts."""
+    """What one epoch does.
+
+    ``cycle`` is None for epochs outside any cycle (the first, and every epoch of a strategy without cycles);
+    ``reselect`` says that a subset is drawn (and scores refreshed if the scorer wants) before the epoch starts;
+    ``estimated`` says that ``num_samples`` / ``num_steps`` are an estimate until the epoch is selected.
+    """
 
     epoch: int
     kind: Literal["full", "subset"]
@@ -29,9 +41,59 @@ class EpochPlan:
     num_samples: int
     num_steps: int
     reselect: bool
+    estimated: bool = False
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.estimated:  # the printed plan of exact plans keeps its seven keys
+            del out["estimated"]
+        return out
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The run's shape that every plan is built from.
+
+    Args:
+        max_epochs: Total epochs of the run (``trainer.max_epochs``); a plan has exactly this many.
+        dataset_size: Training samples M.
+        batch_size: Per-device batch size.
+        world_size: Number of ranks (devices x nodes).
+    """
+
+    max_epochs: int
+    dataset_size: int
+    batch_size: int
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1:
+            raise ValueError(f"trainer.max_epochs: {self.max_epochs} must be >= 1")
+        if self.dataset_size < self.world_size * self.batch_size:
+            raise ValueError(
+                f"data: {self.dataset_size} training samples cannot fill one batch of {self.batch_size} on each "
+                f"of {self.world_size} ranks"
+            )
+
+    @property
+    def full_samples(self) -> int:
+        """Samples of a full epoch: the whole set, less ``M mod W`` so that every rank gets an equal shard."""
+        return self.dataset_size - self.dataset_size % self.world_size
+
+    def steps(self, num_samples: int) -> int:
+        return steps_for(num_samples, world_size=self.world_size, batch_size=self.batch_size)
+
+    def full_epoch(self, epoch: int, cycle: int | None = None) -> EpochPlan:
+        samples = self.full_samples
+        return EpochPlan(epoch, "full", cycle, 1.0, samples, self.steps(samples), False)
+
+    def subset_epoch(
+        self, epoch: int, cycle: int | None, num_samples: int, *, reselect: bool, estimated: bool = False
+    ) -> EpochPlan:
+        ratio = num_samples / self.dataset_size
+        return EpochPlan(
+            epoch, "subset", cycle, ratio, num_samples, self.steps(num_samples), reselect, estimated
+        )
 
 
 def subset_size(ratio: float, dataset_size: int, world_size: int = 1) -> int:
@@ -47,107 +109,130 @@ def steps_for(num_samples: int, *, world_size: int, batch_size: int) -> int:
     return (num_samples // world_size) // batch_size
 
 
+def full_data_plan(request: PlanRequest) -> list[EpochPlan]:
+    """Every epoch on the whole training set."""
+    return [request.full_epoch(e) for e in range(request.max_epochs)]
+
+
+def cycle_plan(
+    request: PlanRequest,
+    *,
+    ratio: RatioSchedule,
+    interval: IntervalSchedule,
+    total_cycles: int,
+    reselect: Reselect,
+) -> list[EpochPlan]:
+    """AtteNT's plan: one full epoch, then ``total_cycles`` cycles of subset epochs followed by full epochs.
+
+    Args:
+        request: The run's shape.
+        ratio: Subset-ratio schedule over cycles.
+        interval: Subset-epoch schedule over cycles.
+        total_cycles: Number of cycles T.
+        reselect: ``cycle`` draws a subset before the first subset epoch of a cycle only; ``every`` before each.
+
+    Raises:
+        ValueError: Naming the key (``trainer.max_epochs``, ``selection.*``, ``ratio.*``) when the combination
+            cannot be planned.
+    """
+    if total_cycles < 1:
+        raise ValueError(f"selection.total_cycles: {total_cycles} must be >= 1")
+    if reselect not in ("cycle", "every"):
+        raise ValueError(f"selection.reselect: unknown {reselect!r}; allowed: cycle, every")
+    intervals = [interval(c, total_cycles) for c in range(total_cycles)]
+    lengths = _cycle_lengths(request.max_epochs - 1, total_cycles)
+    if any(length < i for length, i in zip(lengths, intervals, strict=True)):
+        needed = 1 + _min_epochs_for(intervals)
+        raise ValueError(
+            f"trainer.max_epochs: {request.max_epochs} epochs cannot hold selection.total_cycles={total_cycles} "
+            f"cycles with subset intervals {intervals} (cycle lengths would be {lengths}); use "
+            f"trainer.max_epochs>={needed}, fewer cycles or shorter intervals"
+        )
+
+    plan = [request.full_epoch(0)]
+    for cycle in range(total_cycles):
+        r = ratio(cycle, total_cycles)
+        k = subset_size(r, request.dataset_size, request.world_size)
+        if request.steps(k) < 1:
+            raise ValueError(
+                f"ratio.initial: a subset of {k} samples (ratio {r:.3f} of {request.dataset_size}) gives no full "
+                f"batch of {request.batch_size} per rank; raise the ratio or lower data.batch_size"
+            )
+        for i in range(lengths[cycle]):
+            epoch = len(plan)
+            if i < intervals[cycle]:
+                entry = request.subset_epoch(epoch, cycle, k, reselect=i == 0 or reselect == "every")
+                plan.append(replace(entry, ratio=r))  # the scheduled ratio, not k / M after rounding
+            else:
+                plan.append(request.full_epoch(epoch, cycle))
+    assert len(plan) == request.max_epochs
+    return plan
+
+
 def build_plan(
     *,
     max_epochs: int,
     dataset_size: int,
     batch_size: int,
     world_size: int = 1,
-    strategy: str = "soft",
     ratio: RatioSchedule | None = None,
     interval: IntervalSchedule | None = None,
     total_cycles: int = 10,
-    reselect_every_subset_epoch: bool | None = None,
+    reselect: Reselect = "cycle",
 ) -> list[EpochPlan]:
-    """Plan every epoch of a run.
-
-    Args:
-        max_epochs: Total epochs of the run (``trainer.max_epochs``); the plan has exactly this many.
-        dataset_size: Training samples M.
-        batch_size: Per-device batch size.
-        world_size: Number of ranks (devices x nodes).
-        strategy: ``none`` (full data every epoch), ``random``, ``hard`` or ``soft``.
-        ratio: Subset-ratio schedule over cycles.
-        interval: Subset-epoch schedule over cycles.
-        total_cycles: Number of cycles T.
-        reselect_every_subset_epoch: Re-draw before every subset epoch of a cycle, not only the first; defaults
-            to True for ``soft`` (the reference's soft behaviour) and False otherwise.
-
-    Raises:
-        ValueError: Naming the key (``trainer.max_epochs``, ``selection.*``, ``ratio.*``, ``interval.*``) when the
-            combination cannot be planned.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"selection.strategy: unknown {strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    if max_epochs < 1:
-        raise ValueError(f"trainer.max_epochs: {max_epochs} must be >= 1")
-    if dataset_size < world_size * batch_size:
-        raise ValueError(
-            f"data: {dataset_size} training samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
-        )
-    full_steps = steps_for(
-        dataset_size - dataset_size % world_size, world_size=world_size, batch_size=batch_size
+    """:func:`cycle_plan` with keyword arguments and the default schedules (for scripts and tests)."""
+    return cycle_plan(
+        PlanRequest(max_epochs, dataset_size, batch_size, world_size),
+        ratio=ratio or RatioSchedule(),
+        interval=interval or IntervalSchedule(),
+        total_cycles=total_cycles,
+        reselect=reselect,
     )
 
-    def full(epoch: int, cycle: int | None) -> EpochPlan:
-        return EpochPlan(
-            epoch, "full", cycle, 1.0, dataset_size - dataset_size % world_size, full_steps, False
-        )
 
-    if strategy == "none":
-        return [full(e, None) for e in range(max_epochs)]
-
-    ratio = ratio or RatioSchedule()
-    interval = interval or IntervalSchedule()
-    if total_cycles < 1:
-        raise ValueError(f"selection.total_cycles: {total_cycles} must be >= 1")
-    if reselect_every_subset_epoch is None:
-        reselect_every_subset_epoch = strategy == "soft"
-
-    intervals = [interval(c, total_cycles) for c in range(total_cycles)]
-    remaining = max_epochs - 1
+def _cycle_lengths(remaining: int, total_cycles: int) -> list[int]:
     base, extra = divmod(remaining, total_cycles)
-    lengths = [base + (1 if c >= total_cycles - extra else 0) for c in range(total_cycles)]
-    short = [c for c in range(total_cycles) if lengths[c] < intervals[c]]
-    if short:
-        needed = 1 + _min_epochs_for(intervals)
-        raise ValueError(
-            f"trainer.max_epochs: {max_epochs} epochs cannot hold selection.total_cycles={total_cycles} cycles with "
-            f"subset intervals {intervals} (cycle lengths would be {lengths}); use trainer.max_epochs>={needed}, "
-            "fewer cycles or shorter intervals"
-        )
-
-    plan = [full(0, None)]
-    for cycle in range(total_cycles):
-        r = ratio(cycle, total_cycles)
-        k = subset_size(r, dataset_size, world_size)
-        steps = steps_for(k, world_size=world_size, batch_size=batch_size)
-        if steps < 1:
-            raise ValueError(
-                f"ratio.initial: a subset of {k} samples (ratio {r:.3f} of {dataset_size}) gives no full batch of "
-                f"{batch_size} per rank; raise the ratio or lower data.batch_size"
-            )
-        for i in range(lengths[cycle]):
-            epoch = len(plan)
-            if i < intervals[cycle]:
-                reselect = i == 0 or reselect_every_subset_epoch
-                plan.append(EpochPlan(epoch, "subset", cycle, r, k, steps, reselect))
-            else:
-                plan.append(full(epoch, cycle))
-    assert len(plan) == max_epochs
-    return plan
+    return [base + (1 if c >= total_cycles - extra else 0) for c in range(total_cycles)]
 
 
 def _min_epochs_for(intervals: list[int]) -> int:
     """Smallest ``max_epochs - 1`` whose even split gives every cycle at least its interval."""
-    total_cycles = len(intervals)
     remaining = sum(intervals)
-    while True:
-        base, extra = divmod(remaining, total_cycles)
-        lengths = [base + (1 if c >= total_cycles - extra else 0) for c in range(total_cycles)]
-        if all(length >= i for length, i in zip(lengths, intervals, strict=True)):
-            return remaining
+    while any(n < i for n, i in zip(_cycle_lengths(remaining, len(intervals)), intervals, strict=True)):
         remaining += 1
+    return remaining
+
+
+def first_reselection_of_cycle(plan: list[EpochPlan], epoch: int) -> bool:
+    """Whether ``epoch`` is the first re-selection of its cycle (always true outside cycles)."""
+    cycle = plan[epoch].cycle
+    return cycle is None or not any(p.reselect and p.cycle == cycle for p in plan[:epoch])
+
+
+def resolve_estimate(
+    plan: list[EpochPlan], epoch: int, num_samples: int, request: PlanRequest
+) -> list[EpochPlan]:
+    """The plan with ``epoch`` fixed at ``num_samples``; later estimated epochs take that size as their estimate.
+
+    Raises:
+        ValueError: If the realised size gives no full batch per rank.
+    """
+    if request.steps(num_samples) < 1:
+        raise ValueError(
+            f"epoch {epoch}: {num_samples} selected samples give no full batch of {request.batch_size} per rank"
+        )
+    out = list(plan)
+    out[epoch] = _resized(plan[epoch], num_samples, request, estimated=False)
+    for later in range(epoch + 1, len(out)):
+        if out[later].estimated:
+            out[later] = _resized(out[later], num_samples, request, estimated=True)
+    return out
+
+
+def _resized(entry: EpochPlan, num_samples: int, request: PlanRequest, *, estimated: bool) -> EpochPlan:
+    return request.subset_epoch(
+        entry.epoch, entry.cycle, num_samples, reselect=entry.reselect, estimated=estimated
+    )
 
 
 def plan_totals(plan: list[EpochPlan]) -> dict[str, int | float]:
@@ -160,7 +245,7 @@ def plan_totals(plan: list[EpochPlan]) -> dict[str, int | float]:
         "epochs": len(plan),
         "subset_epochs": sum(p.kind == "subset" for p in plan),
         "reselections": sum(p.reselect for p in plan),
-        "optimizer_steps": sum(p.num_steps for p in plan),
+        "optimizer_steps": steps,
         "samples": samples,
         "sample_fraction": samples / full_samples if full_samples else 1.0,
         # what is actually trained (incomplete batches are dropped), relative to full-data training

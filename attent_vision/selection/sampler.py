@@ -8,12 +8,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from attent_vision.seeds import stream_seed
+
 
 class SubsetSampler(Sampler[int]):
     """Yields this rank's share of the epoch's pool, reshuffled every epoch.
 
-    Every rank holds the same pool and draws the same permutation (seeded by ``seed`` and the epoch, never by
-    rank); rank r then takes positions ``r, r + W, r + 2W, ...`` of the first ``W * floor(len / W)`` shuffled
+    Every rank holds the same pool and draws the same permutation (the ``shuffle`` seed stream keyed by ``seed``
+    and the epoch, never by rank); rank r then takes positions ``r, r + W, r + 2W, ...`` of the first ``W * floor(len / W)`` shuffled
     entries. Shards are therefore equal-sized and disjoint, and their union is the pool (the teacher sizes
     subsets as multiples of W; a full epoch over M samples leaves out ``M mod W`` of them, different ones each
     epoch).
@@ -59,7 +61,7 @@ class SubsetSampler(Sampler[int]):
 
     def epoch_order(self) -> Tensor:
         """The epoch's global order (identical on every rank), truncated to a multiple of the world size."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(stream_seed("shuffle", self.seed, self.epoch))
         order = self.pool[torch.randperm(self.pool.numel(), generator=generator)]
         return order[: len(self) * self.num_replicas]
 

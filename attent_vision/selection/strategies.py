@@ -1,7 +1,7 @@
-"""Subset selection strategies over per-sample scores: random, hard (top-k) and soft (Gumbel-top-k).
+"""Subset selection rules over per-sample scores: random, hard (top-k) and soft (Gumbel-top-k).
 
-Every strategy is a pure function of (scores, k, generator) returning int64 indices, so all ranks that share the
-scores and the generator seed select the identical subset.
+Every rule is a pure function of (scores, k, generator) returning int64 indices, so all ranks that share the
+scores and the generator seed select the identical subset. The Hydra-built selectors (``selectors.py``) wrap them.
 """
 
 from __future__ import annotations
@@ -58,28 +58,3 @@ def select_soft(
         raise ValueError(f"selection.temperature: {temperature} must be > 0")
     keys = log_weights(scores, normalization) / temperature + gumbel_noise(scores.shape, generator=generator)
     return torch.topk(keys, k, sorted=False).indices
-
-
-def select(
-    strategy: str,
-    scores: Tensor,
-    k: int,
-    *,
-    generator: torch.Generator,
-    temperature: float = 1.0,
-    normalization: Normalization = "softmax",
-) -> Tensor:
-    """Dispatch on the strategy name; returns sorted int64 indices of the k selected samples."""
-    if not 1 <= k <= scores.numel():
-        raise ValueError(f"k={k} is outside [1, {scores.numel()}]")
-    if strategy == "random":
-        chosen = select_random(scores, k, generator=generator)
-    elif strategy == "hard":
-        chosen = select_hard(scores, k)
-    elif strategy == "soft":
-        chosen = select_soft(
-            scores, k, generator=generator, temperature=temperature, normalization=normalization
-        )
-    else:
-        raise ValueError(f"selection.strategy: unknown {strategy!r}; allowed: random, hard, soft")
-    return chosen.sort().values.to(torch.int64)
