@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from attent_vision.data.modalities import MODALITIES, output_tasks
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
@@ -81,7 +83,7 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash deep inside training or silently misbehave."""
     data, model = cfg.data, cfg.model
     modalities = list(data.modalities)
-    known = {"rgb", "depth", "semseg"}
+    known = set(MODALITIES)
     _require(len(modalities) > 0, "data.modalities", "needs at least one modality")
     unknown = sorted(set(modalities) - known)
     _require(not unknown, "data.modalities", f"unknown modalities {unknown}; allowed: {sorted(known)}")
@@ -101,10 +103,10 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
         f"{stride} must divide model.net.patch_size={patch_size} and data.input_size={input_size}",
     )
     num_tokens = count_input_tokens(modalities=modalities, input_size=input_size, patch_size=patch_size)
-    net = int(model.num_encoded_tokens)
+    net = int(model.net.masking.num_encoded_tokens)
     _require(
         1 <= net <= num_tokens,
-        "model.num_encoded_tokens",
+        "model.net.masking.num_encoded_tokens",
         f"{net} is outside [1, {num_tokens}]: {len(modalities)} modalities x "
         f"({input_size}/{patch_size})^2 patches = {num_tokens} tokens",
     )
@@ -117,6 +119,11 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
     )
     lo, hi = (float(v) for v in data.crop_scale)
     _require(0 < lo <= hi <= 1, "data.crop_scale", f"needs 0 < min <= max <= 1, got {[lo, hi]}")
+    scored = (cfg.get("scoring") or {}).get("tasks")
+    if scored is not None:  # the scorer only meets the model at the first scoring pass, an epoch in
+        outputs = output_tasks(modalities, norm_pix=bool(model.net.get("extra_norm_pix_loss")))
+        unknown = [str(t) for t in scored if t not in outputs]
+        _require(not unknown, "scoring.tasks", f"{unknown} are not output tasks; allowed: {outputs}")
 
     if data.get("synthetic") is None:
         root = Path(str(data.root))

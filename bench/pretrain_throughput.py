@@ -16,8 +16,9 @@ from contextlib import nullcontext
 
 import torch
 
-from attent_vision.models import build_pretrain_multimae
-from attent_vision.models.losses import MaskedCrossEntropyLoss, MaskedL1Loss, MaskedMSELoss, reduce_batch
+from attent_vision.data.modalities import loss_target
+from attent_vision.models import MaskingConfig, build_pretrain_multimae
+from attent_vision.models.losses import default_loss, reduce_batch
 
 PATCH = {"micro": 8}
 ENCODED = {"micro": 32}
@@ -36,20 +37,18 @@ def measure(size_name: str, image_size: int, batch: int, *, bf16: bool, steps: i
     torch.manual_seed(0)
     patch = PATCH.get(size_name, 16)
     classes = 8 if size_name == "micro" else 133
+    tokens = 3 * (image_size // patch) ** 2
     net = build_pretrain_multimae(
         size=size_name,
         image_size=image_size,
         patch_size=patch,
         semseg_num_classes=classes,
+        masking=MaskingConfig(num_encoded_tokens=ENCODED.get(size_name, tokens // 6)),
         **DECODER.get(size_name, {}),
     )
-    tokens = 3 * (image_size // patch) ** 2
-    num_encoded = ENCODED.get(size_name, tokens // 6)
     losses = {
-        "rgb": MaskedMSELoss(patch_size=patch),
-        "depth": MaskedL1Loss(patch_size=patch),
-        "semseg": MaskedCrossEntropyLoss(patch_size=patch, stride=4),
-        "norm_rgb": MaskedMSELoss(patch_size=patch, norm_pix=True),
+        task: default_loss(task, patch_size=patch, stride=adapter.stride_level)
+        for task, adapter in net.output_adapters.items()
     }
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95))
     data = make_batch(batch, image_size, classes)
@@ -57,10 +56,10 @@ def measure(size_name: str, image_size: int, batch: int, *, bf16: bool, steps: i
 
     def step() -> None:
         with autocast:
-            preds, masks = net(data, num_encoded_tokens=num_encoded, fp32_output_adapters=("semseg",))
+            preds, masks = net(data)  # semseg decodes in fp32 (the builder's default)
         total = 0
         for task, fn in losses.items():
-            src = "rgb" if task == "norm_rgb" else task
+            src = loss_target(task)
             total = total + reduce_batch(fn(preds[task].float(), data[src], masks[src]))
         opt.zero_grad(set_to_none=True)
         total.backward()

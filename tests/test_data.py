@@ -40,7 +40,7 @@ def _assert_consistent(item: dict[str, torch.Tensor]) -> int:
 
 def test_pairs_by_stem_where_sorted_position_would_misalign(tmp_path: Path) -> None:
     # rgb is BMP and depth/semseg PNG: sorted by file name, rgb lists "img.bmp" before "img.hires.bmp" while depth
-    # lists "img.hires.png" before "img.png", so pairing by position (the reference, bug Q12) would swap them.
+    # lists "img.hires.png" before "img.png", so pairing by position (as the reference does) would swap them.
     _write_sample(tmp_path, "cat", "img", 1, rgb_ext="bmp")
     _write_sample(tmp_path, "cat", "img.hires", 2, rgb_ext="bmp")
     _write_sample(tmp_path, "dog", "001", 3)

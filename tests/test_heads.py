@@ -104,7 +104,7 @@ def test_heads_keep_their_own_init():
         },
     )
     head = model.output_adapters["cls"].head
-    # trunc-normal(0.02), not xavier (std sqrt(2 / (128 + 100)) ≈ 0.094) as the reference's re-init gives (Q3)
+    # trunc-normal(0.02), not xavier (std sqrt(2 / (128 + 100)) ≈ 0.094) as the reference's re-init gives
     assert 0.017 < head.weight.std().item() < 0.023
     assert torch.count_nonzero(head.bias) == 0
     assert model.output_adapters["tiny"].head.weight.abs().max().item() < 0.001

@@ -139,7 +139,8 @@ def test_user_masks_use_per_sample_count():
     counts = {"rgb": 3, "depth": 3}
     user = {"rgb": torch.tensor([[0, 1, 1], [1, 1, 0]]), "depth": torch.tensor([[1, 0, 1], [1, 0, 1]])}
     masks, ids_keep, ids_restore = ids_from_task_masks(user, counts)
-    assert ids_keep.tolist() == [[0, 4], [2, 4]]  # 2 kept per sample, not the batch total 4 (Q14b)
+    # 2 kept per sample, not the batch total 4 that the reference counts
+    assert ids_keep.tolist() == [[0, 4], [2, 4]]
     assert torch.equal(masks["rgb"], user["rgb"])
     assert torch.equal(torch.argsort(ids_restore, 1)[:, :2], ids_keep)
     with pytest.raises(ValueError, match="same number"):

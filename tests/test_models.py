@@ -12,6 +12,7 @@ from torch import nn
 from attent_vision.models import (
     MODEL_SIZES,
     InputInfo,
+    MaskingConfig,
     MultiMAE,
     PatchedInputAdapter,
     SemSegInputAdapter,
@@ -19,6 +20,7 @@ from attent_vision.models import (
     TaskTokens,
     build_2d_sincos_pos_embed,
     build_pretrain_multimae,
+    generate_random_masks,
     resize_pos_embed,
 )
 
@@ -28,7 +30,18 @@ NUM_CLASSES = 133
 @pytest.fixture(scope="module")
 def micro() -> MultiMAE:
     torch.manual_seed(0)
-    return build_pretrain_multimae(size="micro", image_size=32, patch_size=8, semseg_stride=4).eval()
+    return build_pretrain_multimae(
+        size="micro",
+        image_size=32,
+        patch_size=8,
+        semseg_stride=4,
+        masking=MaskingConfig(num_encoded_tokens=12),
+    ).eval()
+
+
+def _visible(num_encoded_tokens: int) -> MaskingConfig:
+    """A per-call masking override with another token budget."""
+    return MaskingConfig(num_encoded_tokens=num_encoded_tokens)
 
 
 def _inputs(batch: int, size: int, semseg_stride: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -121,7 +134,7 @@ def test_drop_path_increases_linearly():
 
 
 def test_forward_shapes_micro_32(micro):
-    preds, masks = micro(_inputs(2, 32), num_encoded_tokens=12)
+    preds, masks = micro(_inputs(2, 32))  # the model's own masking: 12 visible tokens
     assert preds["rgb"].shape == (2, 3, 32, 32) and preds["norm_rgb"].shape == (2, 3, 32, 32)
     assert preds["depth"].shape == (2, 1, 32, 32)
     assert preds["semseg"].shape == (2, NUM_CLASSES, 8, 8)
@@ -130,46 +143,52 @@ def test_forward_shapes_micro_32(micro):
 
 
 def test_other_sizes_that_divide_evenly(micro):
-    preds, masks = micro(_inputs(1, 48), num_encoded_tokens=20)  # 6x6 grid, pos_emb resampled from 4x4
+    preds, masks = micro(_inputs(1, 48), masking=_visible(20))  # 6x6 grid, pos_emb resampled from 4x4
     assert preds["rgb"].shape == (1, 3, 48, 48) and preds["semseg"].shape == (1, NUM_CLASSES, 12, 12)
     assert masks["semseg"].shape == (1, 36)
-    model16 = build_pretrain_multimae(size="micro", image_size=64, patch_size=16, extra_norm_pix_loss=False)
-    preds, _ = model16(_inputs(1, 64), num_encoded_tokens=10)
+    model16 = build_pretrain_multimae(
+        size="micro",
+        image_size=64,
+        patch_size=16,
+        extra_norm_pix_loss=False,
+        masking={"num_encoded_tokens": 10},
+    )
+    preds, _ = model16(_inputs(1, 64))
     assert preds["rgb"].shape == (1, 3, 64, 64) and preds["semseg"].shape == (1, NUM_CLASSES, 16, 16)
     assert model16.input_adapters["semseg"].proj.kernel_size == (4, 4)
 
 
 def test_non_dividing_size_names_the_modality(micro):
     with pytest.raises(ValueError, match=r"rgb: input size 36x36 .* patch size 8x8"):
-        micro(_inputs(1, 36), num_encoded_tokens=4)
+        micro(_inputs(1, 36), masking=_visible(4))
     x = _inputs(1, 32)
     x["semseg"] = torch.randint(0, NUM_CLASSES, (1, 12, 12))
     with pytest.raises(ValueError, match="semseg: expected spatial size 8x8"):
-        micro(x, num_encoded_tokens=4)
+        micro(x, masking=_visible(4))
 
 
 def test_invalid_token_budget_and_missing_modality(micro):
     for bad in (0, 49):
         with pytest.raises(ValueError, match="num_encoded_tokens"):
-            micro(_inputs(1, 32), num_encoded_tokens=bad)
+            micro(_inputs(1, 32), masking=_visible(bad))
     with pytest.raises(ValueError, match="none of the input modalities"):
         micro({"normals": torch.randn(1, 3, 32, 32)})
 
 
 def test_subset_of_inputs_and_image_size_from_semseg(micro):
     x = _inputs(2, 32)
-    preds, masks = micro({"semseg": x["semseg"]}, num_encoded_tokens=6)
+    preds, masks = micro({"semseg": x["semseg"]}, masking=_visible(6))
     assert list(masks) == ["semseg"]
     assert preds["rgb"].shape == (2, 3, 32, 32)  # image size = semseg size x stride
-    preds, masks = micro({"rgb": x["rgb"]}, num_encoded_tokens=6)
+    preds, masks = micro({"rgb": x["rgb"]}, masking=_visible(6))
     assert preds["semseg"].shape == (2, NUM_CLASSES, 8, 8)  # non-input task decoded from mask queries
 
 
 def test_token_order_follows_adapters_not_input_dict(micro):
     x = _inputs(2, 32)
     reordered = {k: x[k] for k in ("semseg", "depth", "rgb")}
-    a = micro.forward_features(x, num_encoded_tokens=12, generator=torch.Generator().manual_seed(1))
-    b = micro.forward_features(reordered, num_encoded_tokens=12, generator=torch.Generator().manual_seed(1))
+    a = micro.forward_features(x, generator=torch.Generator().manual_seed(1))
+    b = micro.forward_features(reordered, generator=torch.Generator().manual_seed(1))
     assert list(b.input_info.tasks) == ["rgb", "depth", "semseg"]
     assert b.input_info.tasks["depth"] == TaskTokens(num_tokens=16, start_idx=16, end_idx=32)
     assert torch.equal(a.masks.ids_keep, b.masks.ids_keep)
@@ -180,9 +199,9 @@ def test_mask_seeds_make_scoring_independent_of_batch(micro):
     x = _inputs(3, 32)
     seeds = torch.tensor([11, 12, 13])
     with torch.no_grad():
-        full, full_masks = micro(x, num_encoded_tokens=12, mask_seeds=seeds)
+        full, full_masks = micro(x, seeds)
         sub = {k: v[[2, 0]] for k, v in x.items()}
-        part, part_masks = micro(sub, num_encoded_tokens=12, mask_seeds=seeds[[2, 0]])
+        part, part_masks = micro(sub, seeds[[2, 0]])
     assert torch.equal(full_masks["depth"][[2, 0]], part_masks["depth"])
     assert torch.allclose(full["rgb"][[2, 0]], part["rgb"], atol=1e-5)
     assert torch.allclose(full["semseg"][[2, 0]], part["semseg"], atol=1e-5)
@@ -206,10 +225,65 @@ def test_unmasked_forward_and_user_masks(micro):
 
 
 def test_fp32_output_adapters_under_autocast(micro):
+    assert micro.fp32_output_adapters == ("semseg",)  # the builder's default: the class-id outputs
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        preds, _ = micro(_inputs(1, 32), num_encoded_tokens=8, fp32_output_adapters=("semseg",))
+        preds, _ = micro(_inputs(1, 32), masking=_visible(8))
     assert preds["semseg"].dtype == torch.float32
     assert preds["rgb"].dtype == torch.bfloat16
+    none = build_pretrain_multimae(size="micro", image_size=32, patch_size=8, fp32_output_adapters=[])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert none(_inputs(1, 32), masking=_visible(8))[0]["semseg"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- masking settings owned by the model
+
+
+def test_model_masks_with_its_own_masking_config(micro):
+    x = _inputs(3, 32)
+    seeds = torch.tensor([4, 5, 6])
+    counts = {t: 16 for t in ("rgb", "depth", "semseg")}
+    for masking in (
+        micro.masking,
+        MaskingConfig(num_encoded_tokens=20, alphas=(0.5, 1.0, 2.0), tie_break_noise=False),
+        MaskingConfig(num_encoded_tokens=9, sample_tasks_uniformly=True),
+    ):
+        expected = generate_random_masks(
+            counts,
+            batch_size=3,
+            num_encoded_tokens=masking.num_encoded_tokens,
+            alphas=masking.alphas,
+            sample_tasks_uniformly=masking.sample_tasks_uniformly,
+            tie_break_noise=masking.tie_break_noise,
+            mask_seeds=seeds,
+        )
+        with torch.no_grad():
+            got = micro.forward_features(x, seeds, masking=masking).masks
+        assert torch.equal(got.ids_keep, expected.ids_keep)
+        assert all(torch.equal(got.task_masks[t], expected.task_masks[t]) for t in counts)
+    assert micro.masking == MaskingConfig(num_encoded_tokens=12)  # a per-call override changes nothing
+    assert "masking" not in "".join(micro.state_dict())  # settings, not weights: checkpoints are unchanged
+
+
+def test_masking_config_is_frozen_and_checked():
+    config = MaskingConfig(num_encoded_tokens=32, alphas=[1, 2])
+    assert config.alphas == (1.0, 2.0) and hash(config)  # a list (or Hydra ListConfig) becomes a tuple
+    with pytest.raises(AttributeError):
+        config.num_encoded_tokens = 3
+    for bad in (dict(num_encoded_tokens=0), dict(num_encoded_tokens=2.5), dict(alphas=0.0), dict(alphas=[])):
+        with pytest.raises(ValueError):
+            MaskingConfig(**bad)
+
+
+def test_masking_comes_from_the_model_config(compose_cfg):
+    import hydra
+
+    cfg = compose_cfg("model.net.masking.tie_break_noise=false", "model.net.masking.alphas=[0.5,1,2]")
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert module.net.masking == MaskingConfig(
+        num_encoded_tokens=32, alphas=(0.5, 1.0, 2.0), tie_break_noise=False
+    )
+    assert module.net.fp32_output_adapters == ("semseg",)
+    assert list(module.losses) == ["rgb", "depth", "semseg", "norm_rgb"]
 
 
 # ---------------------------------------------------------------- output adapter semantics
@@ -252,7 +326,8 @@ def test_decoder_queries_for_non_input_task_and_no_context_tasks():
     )
     pos = adapter.pos_emb.flatten(2).transpose(1, 2)
     assert torch.allclose(q, (adapter.mask_token + pos + adapter.task_embeddings["depth"]).expand(2, -1, -1))
-    bare = _tiny_decoder(depth=1, task="rgb", context_tasks=None)  # Q9: no task embeddings must still work
+    # Without task embeddings (the reference then fails in forward).
+    bare = _tiny_decoder(depth=1, task="rgb", context_tasks=None)
     assert not any("task_embeddings" in k for k in bare.state_dict())
     out = bare(torch.randn(2, 3, 8), info, torch.tensor([[0, 1]] * 2), torch.arange(4).repeat(2, 1))
     assert out.shape == (2, 2, 8, 8)
@@ -328,7 +403,7 @@ def test_weight_init_follows_reference(micro):
     conv = micro.input_adapters["rgb"].proj.weight  # xavier on (D, C·P·P)
     assert conv.abs().max() <= math.sqrt(6.0 / (conv.shape[0] + conv[0].numel()))
     assert conv.flatten(1).std().item() == pytest.approx(_xavier_std(conv.flatten(1)), rel=0.1)
-    out_proj = micro.output_adapters["semseg"].out_proj  # heads are overwritten by xavier too (Q3)
+    out_proj = micro.output_adapters["semseg"].out_proj  # xavier-overwritten too, as in the reference
     assert out_proj.weight.std().item() == pytest.approx(_xavier_std(out_proj.weight), rel=0.1)
     assert micro.input_adapters["semseg"].class_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert torch.count_nonzero(micro.output_adapters["rgb"].mask_token) == 0

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .modalities import DataFormatError, get_modality, image_size, is_image_file
+from .modalities import DEFAULT_MODALITIES, DataFormatError, get_modality, image_size, is_image_file
 from .transforms import to_tensors
 
 __all__ = ["MultiModalFolder"]
@@ -41,9 +41,10 @@ def _scan_modality(modality_dir: Path) -> dict[str, Path]:
 class MultiModalFolder(Dataset):
     """Images at `root/<modality>/<class>/<stem>.<ext>`, one sample per stem present in every modality.
 
-    Unlike the reference (which pairs each modality's sorted file list by position, bug Q12), files are matched by
-    their path relative to the modality folder without extension, so `rgb/cat/001.jpg` pairs with
-    `depth/cat/001.png`. A stem missing from any modality is an error, never a silent shift.
+    Unlike the MultiMAE reference code (which pairs each modality's sorted file lists by position, so one missing
+    file shifts every later pair), files are matched by their path relative to the modality folder without
+    extension, so `rgb/cat/001.jpg` pairs with `depth/cat/001.png`. A stem missing from any modality is an error,
+    never a silent shift.
 
     Args:
         root: Dataset root holding one folder per modality.
@@ -58,7 +59,7 @@ class MultiModalFolder(Dataset):
     def __init__(
         self,
         root: str | os.PathLike[str],
-        modalities: Sequence[str] = ("rgb", "depth", "semseg"),
+        modalities: Sequence[str] = DEFAULT_MODALITIES,
         transform: Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         if isinstance(modalities, str) or not modalities:
@@ -76,6 +77,8 @@ class MultiModalFolder(Dataset):
                     f"{self.root / name} is missing: expected one folder per modality under {root}"
                 )
         first_dir = self.root / self.modalities[0]
+        # Not torchvision's find_classes: it counts hidden folders (.ipynb_checkpoints, .cache) as classes, which
+        # shifts every later label and gives classes without samples, since _scan_modality skips hidden folders.
         self.classes: list[str] = sorted(
             entry.name for entry in os.scandir(first_dir) if entry.is_dir() and not entry.name.startswith(".")
         )

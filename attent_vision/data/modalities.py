@@ -1,25 +1,42 @@
-"""Per-modality image readers that fail loudly, naming the file, when a file has the wrong format."""
+"""The modality registry (`MODALITIES`) and the per-modality image readers.
+
+Each `Modality` record says how one modality is read from disk, turned into a tensor, resized, tokenised by
+MultiMAE and scored in pretraining; everything else derives from it. The readers fail loudly, naming the file,
+when a file has the wrong format.
+
+This module does not import torch at load time (the `prepare` and `validate` tools use the readers without it);
+the tensor converters import it when first called.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from .constants import IMAGE_EXTENSIONS
+from .constants import DEPTH_PNG_SCALE, IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
+    "DEFAULT_MODALITIES",
+    "IMAGE_MODALITY",
     "MODALITIES",
+    "NORM_PIX_TASK",
     "DataFormatError",
     "Modality",
+    "check_modalities",
     "get_modality",
     "image_size",
     "is_image_file",
+    "loss_target",
+    "output_tasks",
     "read_depth",
     "read_rgb",
     "read_semseg",
@@ -114,26 +131,135 @@ def read_semseg(path: str | os.PathLike[str]) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
+def _rgb_tensor(value: Any) -> torch.Tensor:
+    """PIL image, (H, W, 3) uint8 array or (3, H, W) uint8 tensor → (3, H, W) uint8 tensor."""
+    import torch
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    if isinstance(value, Image.Image):
+        return pil_to_tensor(value.convert("RGB"))
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value.transpose(2, 0, 1)))
+    return value
+
+
+def _depth_tensor(value: Any) -> torch.Tensor:
+    """Raw uint16 depth (array or tensor, (H, W) or (1, H, W)) → (1, H, W) float32 = value / 2**16.
+
+    Depth is converted to float before any resampling: several torchvision kernels do not support uint16, and float
+    keeps sub-unit precision when interpolating. Floating-point input is taken as already scaled.
+    """
+    import torch
+
+    if isinstance(value, Image.Image):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        is_raw = not np.issubdtype(value.dtype, np.floating)
+        depth = torch.from_numpy(value.astype(np.float32))
+    else:
+        is_raw = not value.is_floating_point()
+        depth = value.to(torch.float32)
+    if is_raw:
+        depth = depth * (1.0 / DEPTH_PNG_SCALE)
+    return depth if depth.ndim == 3 else depth.unsqueeze(0)
+
+
+def _class_id_tensor(value: Any) -> torch.Tensor:
+    """Class-id map (array or tensor, (H, W) or (1, H, W)) → (1, H, W) integer tensor (uint8 kept: resizes faster)."""
+    import torch
+
+    if isinstance(value, Image.Image):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8:
+            value = value.astype(np.int64)
+        elif not (value.flags.writeable and value.flags.c_contiguous):
+            # torch.from_numpy warns on read-only arrays (e.g. np.asarray of a PIL image).
+            value = value.copy()
+        value = torch.from_numpy(value)
+    return value if value.ndim == 3 else value.unsqueeze(0)
+
+
 @dataclass(frozen=True)
 class Modality:
-    """How one modality is stored on disk.
+    """Everything the pipeline knows about one modality: how it is stored, resampled, tokenised and scored.
+
+    The data pipeline (`MultiModalFolder`, `MultiModalTransform`), the model builders
+    (`attent_vision.models.build_pretrain_multimae`, `build_multivit`), the pretraining losses and the config
+    checks read this record, so a new modality is one more entry in `MODALITIES`.
 
     Args:
         name: Folder name and dictionary key of the modality.
         reader: Reads one file into a PIL image or numpy array.
+        to_tensor: Turns what `reader` returns (or an array / tensor of the same data) into a (C, H, W) tensor,
+            before any resampling.
+        channels: C, the channels of the tensor the model sees and predicts (1 for a class-id map; its
+            prediction has one logit per class instead).
+        interpolation: The torchvision `InterpolationMode` value it is resized with.
+        loss: Import path of its default pretraining loss (`attent_vision.models.losses`), built with
+            `patch_size`, `stride` and `loss_kwargs`.
+        loss_kwargs: Further arguments of `loss`.
+        class_ids: A map of class ids rather than of measurements. MultiMAE embeds it (a learned 64-d vector per
+            class) instead of projecting patches of it, reads and predicts it at `semseg_stride` times lower
+            resolution, and predicts one logit per class; the transforms return it as int64 (H, W) at that
+            stride.
+        normalize: The transforms standardise it with their `rgb_mean` / `rgb_std` (after resizing the uint8
+            values, as torchvision's image pipeline does).
         extension: Extension the synthetic generator writes (readers accept any image extension).
     """
 
     name: str
     reader: Callable[[str | os.PathLike[str]], Any]
-    extension: str
+    to_tensor: Callable[[Any], torch.Tensor]
+    channels: int
+    interpolation: str
+    loss: str
+    loss_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    class_ids: bool = False
+    normalize: bool = False
+    extension: str = "png"
 
 
+# Filters: depth is bilinear, not bicubic: bicubic overshoots at depth discontinuities (object against wall),
+# inventing depths in front of or behind both surfaces, even negative ones; bilinear stays within its neighbours'
+# range. Labels use nearest-exact, which is nearest-neighbour sampling at pixel centres (what PIL's NEAREST does):
+# torch's plain "nearest" samples the top-left of each source cell and shifts labels by up to half a downsampling
+# step relative to the rgb and depth pixels they describe.
 MODALITIES: dict[str, Modality] = {
-    "rgb": Modality("rgb", read_rgb, "png"),
-    "depth": Modality("depth", read_depth, "png"),
-    "semseg": Modality("semseg", read_semseg, "png"),
+    "rgb": Modality(
+        "rgb",
+        read_rgb,
+        _rgb_tensor,
+        channels=3,
+        interpolation="bicubic",
+        loss="attent_vision.models.losses.MaskedMSELoss",
+        normalize=True,
+    ),
+    "depth": Modality(
+        "depth",
+        read_depth,
+        _depth_tensor,
+        channels=1,
+        interpolation="bilinear",
+        loss="attent_vision.models.losses.MaskedL1Loss",
+    ),
+    "semseg": Modality(
+        "semseg",
+        read_semseg,
+        _class_id_tensor,
+        channels=1,
+        interpolation="nearest-exact",
+        loss="attent_vision.models.losses.MaskedCrossEntropyLoss",
+        class_ids=True,
+    ),
 }
+
+# The modalities MultiMAE pretrains on by default, in token order.
+DEFAULT_MODALITIES: tuple[str, ...] = ("rgb", "depth", "semseg")
+
+# A bare tensor given to the model is this modality; the extra normalised-pixel output reconstructs it.
+IMAGE_MODALITY = "rgb"
+NORM_PIX_TASK = f"norm_{IMAGE_MODALITY}"
 
 
 def get_modality(name: str) -> Modality:
@@ -142,6 +268,31 @@ def get_modality(name: str) -> Modality:
         return MODALITIES[name]
     except KeyError:
         raise ValueError(f"unknown modality {name!r}; known modalities: {sorted(MODALITIES)}") from None
+
+
+def check_modalities(kind: str, names: Sequence[str]) -> list[str]:
+    """Returns `names` as a list after checking they are distinct registered modalities (at least one).
+
+    Raises:
+        ValueError: Naming `kind` (e.g. "in_domains") and the registered modalities.
+    """
+    names = list(names)
+    unknown = [n for n in names if n not in MODALITIES]
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown}; allowed: {list(MODALITIES)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{kind} must be a non-empty list of distinct modalities, got {names}")
+    return names
+
+
+def output_tasks(modalities: Sequence[str], *, norm_pix: bool) -> list[str]:
+    """The pretraining output tasks: every modality, then the normalised-pixel output when it is on."""
+    return [*modalities, *([NORM_PIX_TASK] if norm_pix else [])]
+
+
+def loss_target(task: str) -> str:
+    """The modality an output task is compared with (the normalised-pixel output reconstructs the image)."""
+    return IMAGE_MODALITY if task == NORM_PIX_TASK else task
 
 
 def image_size(value: Image.Image | np.ndarray) -> tuple[int, int]:

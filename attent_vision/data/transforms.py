@@ -1,87 +1,27 @@
-"""Joint augmentation of rgb, depth and semseg: one crop and one flip decision shared by every modality."""
+"""Joint augmentation of the modalities: one crop and one flip decision shared by every modality."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .constants import DEPTH_PNG_SCALE, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .modalities import MODALITIES
 
 __all__ = ["MultiModalTransform", "to_tensors"]
 
 InterpolationMode = v2.InterpolationMode
 
-# Per-modality filters. Depth is bilinear, not bicubic: bicubic overshoots at depth discontinuities (object against
-# wall), inventing depths in front of or behind both surfaces, even negative ones; bilinear stays within its
-# neighbours' range. Labels use NEAREST_EXACT, which is nearest-neighbour sampling at pixel centres (what PIL's NEAREST
-# does): torch's plain NEAREST samples the top-left of each source cell and shifts labels by up to half a
-# downsampling step relative to the rgb and depth pixels they describe.
-RGB_INTERPOLATION = InterpolationMode.BICUBIC
-DEPTH_INTERPOLATION = InterpolationMode.BILINEAR
-SEMSEG_INTERPOLATION = InterpolationMode.NEAREST_EXACT
-
-SUPPORTED_MODALITIES = ("rgb", "depth", "semseg")
-
-
-def _rgb_tensor(value: Any) -> torch.Tensor:
-    """PIL image, (H, W, 3) uint8 array or (3, H, W) uint8 tensor → (3, H, W) uint8 tensor."""
-    if isinstance(value, Image.Image):
-        return F.pil_to_tensor(value.convert("RGB"))
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value.transpose(2, 0, 1)))
-    return value
-
-
-def _depth_tensor(value: Any) -> torch.Tensor:
-    """Raw uint16 depth (array or tensor, (H, W) or (1, H, W)) → (1, H, W) float32 = value / 2**16.
-
-    Depth is converted to float before any resampling: several torchvision kernels do not support uint16, and float
-    keeps sub-unit precision when interpolating. Floating-point input is taken as already scaled.
-    """
-    if isinstance(value, Image.Image):
-        value = np.asarray(value)
-    if isinstance(value, np.ndarray):
-        is_raw = not np.issubdtype(value.dtype, np.floating)
-        depth = torch.from_numpy(value.astype(np.float32))
-    else:
-        is_raw = not value.is_floating_point()
-        depth = value.to(torch.float32)
-    if is_raw:
-        depth = depth * (1.0 / DEPTH_PNG_SCALE)
-    return depth if depth.ndim == 3 else depth.unsqueeze(0)
-
-
-def _semseg_tensor(value: Any) -> torch.Tensor:
-    """Class-id map (array or tensor, (H, W) or (1, H, W)) → (1, H, W) integer tensor (uint8 kept: resizes faster)."""
-    if isinstance(value, Image.Image):
-        value = np.asarray(value)
-    if isinstance(value, np.ndarray):
-        if value.dtype != np.uint8:
-            value = value.astype(np.int64)
-        elif not (value.flags.writeable and value.flags.c_contiguous):
-            value = (
-                value.copy()
-            )  # torch.from_numpy warns on read-only arrays (e.g. np.asarray of a PIL image)
-        value = torch.from_numpy(value)
-    return value if value.ndim == 3 else value.unsqueeze(0)
-
-
-_CONVERTERS = {"rgb": _rgb_tensor, "depth": _depth_tensor, "semseg": _semseg_tensor}
-
 
 def _as_tensors(sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    unknown = set(sample) - set(_CONVERTERS)
+    unknown = set(sample) - set(MODALITIES)
     if unknown:
-        raise ValueError(
-            f"cannot transform modalities {sorted(unknown)}; supported: {list(SUPPORTED_MODALITIES)}"
-        )
-    tensors = {name: _CONVERTERS[name](value) for name, value in sample.items()}
+        raise ValueError(f"cannot transform modalities {sorted(unknown)}; supported: {list(MODALITIES)}")
+    tensors = {name: MODALITIES[name].to_tensor(value) for name, value in sample.items()}
     sizes = {name: tuple(t.shape[-2:]) for name, t in tensors.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"modalities differ in size (H, W): {sizes}")
@@ -92,27 +32,32 @@ def to_tensors(sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Converts raw modalities to tensors without resizing or augmentation.
 
     Args:
-        sample: Any of "rgb" (PIL image or HWC uint8), "depth" (raw uint16), "semseg" (class ids).
+        sample: Registered modalities (`modalities.MODALITIES`), e.g. "rgb" (PIL image or HWC uint8), "depth"
+            (raw uint16), "semseg" (class ids).
 
     Returns:
-        rgb as uint8 (3, H, W), depth as float32 (1, H, W) = raw / 2**16, semseg as int64 (H, W).
+        Each modality as its registry converter gives it, e.g. rgb as uint8 (3, H, W) and depth as float32
+        (1, H, W) = raw / 2**16; class-id maps (semseg) as int64 (H, W).
     """
     tensors = _as_tensors(sample)
-    if "semseg" in tensors:
-        tensors["semseg"] = tensors["semseg"].squeeze(0).to(torch.int64)
+    for name, tensor in tensors.items():
+        if MODALITIES[name].class_ids:
+            tensors[name] = tensor.squeeze(0).to(torch.int64)
     return tensors
 
 
 class MultiModalTransform:
-    """Crops, resizes, flips and converts rgb / depth / semseg with the same geometry for every modality.
+    """Crops, resizes, flips and converts the modalities of a sample with the same geometry for every modality.
 
     Train mode draws one RandomResizedCrop box and one horizontal-flip decision from torch's global RNG (so
-    DataLoader worker seeding applies) and applies them to every modality, each with its own filter: bicubic with
-    antialiasing for rgb, bilinear for depth, nearest for labels. The box is drawn once with torchvision's
-    `RandomResizedCrop.get_params` and applied with `v2.functional` kernels, because a single v2 transform object
-    carries one interpolation for all images and rgb and depth need different ones. Eval mode takes the central
-    square of side min(H, W) and resizes it to `input_size` (the same as resizing the shorter side and centre
-    cropping), without randomness.
+    DataLoader worker seeding applies) and applies them to every modality, each with its own filter from the
+    registry (`modalities.MODALITIES`; with antialiasing): bicubic for rgb, bilinear for depth, nearest-exact for
+    labels. The box is drawn once with torchvision's `RandomResizedCrop.get_params` and applied with
+    `v2.functional` kernels, because a single v2 transform object carries one interpolation for all images and
+    rgb and depth need different ones. Modalities stay plain tensors, not tv_tensors: v2 resizes a tv_tensors.Mask
+    with plain NEAREST whatever interpolation it is given. Eval mode takes the central square of side min(H, W)
+    and resizes it to `input_size` (the same as resizing the shorter side and centre cropping), without
+    randomness.
 
     Args:
         input_size: Output side S in pixels.
@@ -120,13 +65,14 @@ class MultiModalTransform:
         scale: RandomResizedCrop area fraction range.
         ratio: RandomResizedCrop aspect-ratio range.
         hflip: Probability of a horizontal flip (train mode only).
-        semseg_stride: Labels are returned at S / semseg_stride (MultiMAE predicts semseg at stride 4).
-        rgb_mean: Per-channel mean used to normalise rgb in [0, 1].
+        semseg_stride: Class-id maps (semseg) are returned at S / semseg_stride (MultiMAE predicts semseg at
+            stride 4).
+        rgb_mean: Per-channel mean used to normalise rgb (the modalities marked `normalize`) in [0, 1].
         rgb_std: Per-channel standard deviation used to normalise rgb.
 
     Returns (from `__call__`):
-        The modalities present in the input: rgb float32 (3, S, S) normalised, depth float32 (1, S, S) = raw / 2**16,
-        semseg int64 (S / semseg_stride, S / semseg_stride).
+        The modalities present in the input, in registry order: rgb float32 (3, S, S) normalised, depth float32
+        (1, S, S) = raw / 2**16, semseg int64 (S / semseg_stride, S / semseg_stride).
     """
 
     def __init__(
@@ -189,18 +135,19 @@ class MultiModalTransform:
             )
 
         out: dict[str, torch.Tensor] = {}
-        if "rgb" in tensors:
-            rgb = crop(tensors["rgb"], RGB_INTERPOLATION)
-            out["rgb"] = rgb.to(torch.float32) * self._rgb_mul + self._rgb_add
-        if "depth" in tensors:
-            out["depth"] = crop(tensors["depth"], DEPTH_INTERPOLATION)
-        if "semseg" in tensors:
-            # Labels are cut from the same S×S crop, then reduced to the prediction stride (as in the reference).
-            semseg = crop(tensors["semseg"], SEMSEG_INTERPOLATION)
-            small = self.input_size // self.semseg_stride
-            if self.semseg_stride != 1:
-                semseg = F.resize(semseg, [small, small], interpolation=SEMSEG_INTERPOLATION, antialias=False)
-            out["semseg"] = semseg.squeeze(0).to(torch.int64)
+        for name in [m for m in MODALITIES if m in tensors]:  # registry order, whatever the sample's order
+            modality = MODALITIES[name]
+            interpolation = InterpolationMode(modality.interpolation)
+            tensor = crop(tensors[name], interpolation)
+            if modality.normalize:
+                tensor = tensor.to(torch.float32) * self._rgb_mul + self._rgb_add
+            elif modality.class_ids:
+                # Labels are cut from the same S×S crop, then reduced to the prediction stride (as in the reference).
+                if self.semseg_stride != 1:
+                    small = self.input_size // self.semseg_stride
+                    tensor = F.resize(tensor, [small, small], interpolation=interpolation, antialias=False)
+                tensor = tensor.squeeze(0).to(torch.int64)
+            out[name] = tensor
         if flip:
             # Flipped last, so that a flipped sample is the exact mirror image of the unflipped one at every stride.
             out = {name: tensor.flip(-1) for name, tensor in out.items()}

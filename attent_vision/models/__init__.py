@@ -27,11 +27,13 @@ from attent_vision.models.losses import (
     MaskedL1Loss,
     MaskedMSELoss,
     SampleLoss,
+    default_loss,
     reduce_batch,
     truncated_depth_standardize,
     upsample_token_mask,
 )
 from attent_vision.models.masking import (
+    MaskingConfig,
     TokenMasks,
     expand_alphas,
     generate_random_masks,
@@ -39,7 +41,6 @@ from attent_vision.models.masking import (
     sample_task_shares,
 )
 from attent_vision.models.multimae import (
-    DOMAINS,
     MODEL_SIZES,
     EncoderOutput,
     MultiMAE,
@@ -51,7 +52,6 @@ from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_
 from attent_vision.models.task_balancing import NoTaskBalancer, UncertaintyTaskBalancer
 
 __all__ = [
-    "DOMAINS",
     "MODEL_SIZES",
     "ConvNeXtHead",
     "CrossAttention",
@@ -63,6 +63,7 @@ __all__ = [
     "MaskedCrossEntropyLoss",
     "MaskedL1Loss",
     "MaskedMSELoss",
+    "MaskingConfig",
     "MissingEncoderWeightsError",
     "MultiMAE",
     "MultiViT",
@@ -77,6 +78,7 @@ __all__ = [
     "build_2d_sincos_pos_embed",
     "build_multivit",
     "build_pretrain_multimae",
+    "default_loss",
     "dpt_feature_dim",
     "dpt_hooks",
     "dpt_layer_dims",

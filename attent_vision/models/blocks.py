@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from timm.layers import calculate_drop_path_rates
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -22,8 +22,8 @@ def transformer_blocks(
     norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
 ) -> nn.Sequential:
     """``depth`` pre-norm timm Blocks (keys ``<i>.norm1``, ``<i>.attn.qkv``, ... as in MultiMAE); stochastic depth
-    rises linearly from 0 to ``drop_path_rate`` over the blocks."""
-    drop_paths = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+    rises linearly from 0 to ``drop_path_rate`` over the blocks (timm's ``calculate_drop_path_rates``)."""
+    drop_paths = calculate_drop_path_rates(drop_path_rate, depth)
     return nn.Sequential(
         *[
             Block(

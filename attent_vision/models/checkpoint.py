@@ -1,4 +1,5 @@
-"""Checkpoint I/O for MultiMAE: tolerant loading and the timm ViT converters (reference §5)."""
+"""Checkpoint I/O for MultiMAE: tolerant loading (our Lightning checkpoints, the original MultiMAE release's
+checkpoints, timm ViT weights) and the converters between MultiMAE and timm ViT keys."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.models import clean_state_dict
 from torch import Tensor, nn
 
 from attent_vision.models.multimae import MODEL_SIZES
@@ -35,43 +37,32 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "net."
-
-
-def _strip_wrappers(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
 
 
 def normalize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     """Extracts MultiMAE weights from a checkpoint object.
 
-    Accepts a reference checkpoint (``{'model': state}``), a Lightning checkpoint (``{'state_dict': ...}`` whose
-    model lives under ``net.``; other entries such as the balancer are dropped), or a plain state dict. Strips
-    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, and converts timm ViT keys when it finds them.
+    Accepts an original MultiMAE checkpoint (``{'model': state}``), a Lightning checkpoint (``{'state_dict':
+    ...}`` whose model lives under ``net.``; other entries such as the balancer are dropped), or a plain state
+    dict. Strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, and converts timm ViT keys when
+    it finds them.
     """
     if isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     elif isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
-    state = {_strip_wrappers(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    # timm's clean_state_dict drops the DDP (``module.``) and torch.compile (``_orig_mod.``) key prefixes.
+    state = clean_state_dict({k: v for k, v in obj.items() if isinstance(v, Tensor)})
     if any(k.startswith(_LIGHTNING_PREFIX) for k in state):
         dropped = [k for k in state if not k.startswith(_LIGHTNING_PREFIX)]
         if dropped:
             log.info(
                 "Ignoring %d checkpoint entries outside '%s': %s", len(dropped), _LIGHTNING_PREFIX, dropped
             )
-        state = {
-            _strip_wrappers(k[len(_LIGHTNING_PREFIX) :]): v
-            for k, v in state.items()
-            if k.startswith(_LIGHTNING_PREFIX)
-        }
+        state = clean_state_dict(
+            {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(_LIGHTNING_PREFIX)}
+        )
     if "cls_token" in state or any(k.startswith(("blocks.", "patch_embed.")) for k in state):
         log.info("Checkpoint has timm ViT keys; converting with timm_vit_to_multimae")
         state = timm_vit_to_multimae(state)
@@ -128,8 +119,8 @@ def load_multimae_weights(
         model: The MultiMAE to fill.
         state_or_path: A checkpoint file, a checkpoint dict or a state dict (see :func:`normalize_state_dict`).
         strict: Require an exact key match (shape adaptations still apply).
-        weights_only: Safe unpickling for files (argparse.Namespace allowed, for reference checkpoints); pass
-            False only for trusted files holding other objects.
+        weights_only: Safe unpickling for files (argparse.Namespace allowed: the original MultiMAE checkpoints
+            hold one); pass False only for trusted files holding other objects.
 
     Returns:
         (missing_keys, unexpected_keys); keys skipped for a shape mismatch count as missing.
@@ -152,7 +143,8 @@ def load_multimae_weights(
 
 
 def multimae_to_timm_vit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Converts MultiMAE encoder weights to timm ``VisionTransformer`` keys (reference multimae2vit).
+    """Converts MultiMAE encoder weights to timm ``VisionTransformer`` keys (as the original MultiMAE's
+    ``multimae2vit``).
 
     ``global_tokens`` → ``cls_token``; the rgb pos_emb (1, D, h, w) → ``pos_embed`` (1, 1 + h·w, D) row-major with a
     zero row for the cls position; the rgb patch projection → ``patch_embed.proj``; ``encoder.*`` → ``blocks.*``.
@@ -177,7 +169,8 @@ def multimae_to_timm_vit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def timm_vit_to_multimae(
     state: Mapping[str, Tensor], *, grid_size: tuple[int, int] | None = None
 ) -> dict[str, Tensor]:
-    """Converts timm ``VisionTransformer`` weights to MultiMAE keys (reference vit2multimae).
+    """Converts timm ``VisionTransformer`` weights to MultiMAE keys (as the original MultiMAE's
+    ``vit2multimae``).
 
     ``cls_token + pos_embed[:, 0]`` → ``global_tokens`` (a new tensor; the source is not modified);
     ``pos_embed[:, 1:]`` → ``input_adapters.rgb.pos_emb`` (1, D, h, w); ``patch_embed.proj`` → the rgb
@@ -327,10 +320,11 @@ def _checkpoint_format(obj: Mapping[str, Any]) -> CheckpointFormat:
         inner, fmt = obj["model"], "multimae"
     elif isinstance(obj.get("state_dict"), Mapping):
         inner, fmt = obj["state_dict"], "lightning"
-    keys = [_strip_wrappers(k) for k in inner]
+    keys = list(clean_state_dict(dict.fromkeys(inner)))
     if any(k.startswith(_LIGHTNING_PREFIX) for k in keys):
         fmt = "lightning"
-        keys = [_strip_wrappers(k[len(_LIGHTNING_PREFIX) :]) for k in keys if k.startswith(_LIGHTNING_PREFIX)]
+        inside = (k[len(_LIGHTNING_PREFIX) :] for k in keys if k.startswith(_LIGHTNING_PREFIX))
+        keys = list(clean_state_dict(dict.fromkeys(inside)))
     if "cls_token" in keys or any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
         fmt = "timm"
     return fmt
@@ -464,7 +458,7 @@ def load_pretrained(
 ) -> LoadReport:
     """Initialises a (fine-tuning) MultiViT or MultiMAE from a pretrained checkpoint, checking the encoder.
 
-    Accepts our Lightning checkpoints (model under ``net.``), reference MultiMAE checkpoints (``{'model': ...}``,
+    Accepts our Lightning checkpoints (model under ``net.``), original MultiMAE checkpoints (``{'model': ...}``,
     ``module.`` prefixes, with or without output adapters), timm ViT state dicts (converted) and plain state
     dicts, as a file, a run directory (see :func:`resolve_checkpoint`) or an in-memory dict. Before loading:
     checkpoint output adapters that are not exactly the model's heads are skipped; a semseg ``class_emb`` gets

@@ -1,10 +1,11 @@
-"""Downstream output adapters for fine-tuning (reference §1.6): linear classifier, ConvNeXt and DPT dense heads.
+"""Downstream output adapters for fine-tuning (as in MultiMAE): linear classifier, ConvNeXt and DPT dense heads.
 
 Every head is an ``nn.Module`` called as ``head(tokens_or_layers, input_info)``, where ``input_info`` gives the
 per-task slices of the patch tokens (global tokens follow the patch tokens). Heads with ``needs_all_layers``
 set receive the list of every encoder layer's output instead of the final tokens. Heads are fully built by
 their constructor (no ``init(dim_tokens_enc)`` step) and keep their own initialisation: MultiViT attaches them
-after the encoder's xavier re-init, so ``init_scale`` and trunc-normal inits take effect (unlike Q3).
+after the encoder's xavier re-init, so ``init_scale`` and trunc-normal inits take effect (the reference re-inits
+the heads with xavier too, which undoes them).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class LinearHead(nn.Module):
     Args:
         num_classes: Number of logits K.
         dim_tokens_enc: Encoder width D.
-        pooling: 'mean_all' averages every token, global tokens included (the reference, Q13); 'mean_patch'
+        pooling: 'mean_all' averages every token, global tokens included (what the reference does); 'mean_patch'
             averages the patch tokens only (timm's avg pool); 'global' takes the first global token.
         init_scale: Multiplier of the trunc-normal(0.02) head weight (the reference fine-tunes with 0.001).
     """

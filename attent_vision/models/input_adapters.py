@@ -1,4 +1,4 @@
-"""Input adapters: turn one modality into a sequence of tokens (MultiMAE §1.3).
+"""Input adapters: turn one modality into a sequence of tokens (MultiMAE's).
 
 Adapters follow MultiMAE's two-step protocol: the constructor stores the modality settings, and
 ``init(dim_tokens)`` (called by :class:`~attent_vision.models.multimae.MultiMAE`) creates the parameters that
@@ -207,7 +207,8 @@ class SemSegInputAdapter(_SpatialInputAdapter):
             )
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (relative to this adapter) exempt from weight decay (real names, unlike Q10)."""
+        """Parameter names (relative to this adapter) exempt from weight decay (names that exist; the
+        reference lists some names that match no parameter)."""
         return {"pos_emb", "class_emb.weight"}
 
     def forward(self, x: Tensor) -> Tensor:

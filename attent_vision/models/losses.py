@@ -1,11 +1,13 @@
-"""Per-sample masked reconstruction losses (MultiMAE §2.3) and depth standardisation (§2.2).
+"""Per-sample masked reconstruction losses and depth standardisation of MultiMAE pretraining.
 
 Every loss returns a :class:`SampleLoss` of per-sample values first; :func:`reduce_batch` gives the reference's
 batch reduction (mean over the samples that have masked pixels, i.e. ``nanmean`` of the per-sample means).
+:func:`default_loss` builds the loss a modality's registry entry names.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
@@ -14,11 +16,14 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from attent_vision.data.modalities import NORM_PIX_TASK, get_modality, loss_target
+
 __all__ = [
     "MaskedCrossEntropyLoss",
     "MaskedL1Loss",
     "MaskedMSELoss",
     "SampleLoss",
+    "default_loss",
     "reduce_batch",
     "truncated_depth_standardize",
     "upsample_token_mask",
@@ -174,6 +179,23 @@ class MaskedCrossEntropyLoss(nn.Module):
         if mask is not None:
             weight = weight * upsample_token_mask(mask, loss.shape[-2:], self.scale_factor)
         return masked_sample_mean(loss, weight)
+
+
+def default_loss(task: str, *, patch_size: int, stride: int) -> nn.Module:
+    """The pretraining loss of an output task, as the registry entry of its modality names it.
+
+    The normalised-pixel output (``norm_rgb``) gets the image's loss with ``norm_pix=True``.
+
+    Args:
+        task: Output task: a registered modality or ``norm_rgb``.
+        patch_size: Patch size on the full image.
+        stride: Stride level of the task's prediction.
+    """
+    modality = get_modality(loss_target(task))
+    module_name, _, class_name = modality.loss.rpartition(".")
+    loss_class = getattr(importlib.import_module(module_name), class_name)
+    kwargs = {**modality.loss_kwargs, **({"norm_pix": True} if task == NORM_PIX_TASK else {})}
+    return loss_class(patch_size=patch_size, stride=stride, **kwargs)
 
 
 def truncated_depth_standardize(

@@ -1,9 +1,10 @@
-"""Dirichlet multi-modal token masking (MultiMAE §1.4).
+"""Dirichlet multi-modal token masking, as in MultiMAE.
 
 Per sample, task shares λ ~ Dirichlet(α) split a budget of ``num_encoded_tokens`` visible tokens between the
 input tasks; each task keeps a uniformly random subset of round(λ_t · budget) tokens, and the ±1 rounding
-surplus or deficit is resolved by a random tie-break (the [E] behaviour; ``tie_break_noise=False`` gives the
-[F]/[A] variant that resolves it towards low indices). The encoder always sees exactly ``num_encoded_tokens``.
+surplus or deficit is resolved by a random tie-break (the MultiMAE reference; ``tie_break_noise=False`` gives the
+AtteNT fork's variant, which resolves it towards low indices). The encoder always sees exactly
+``num_encoded_tokens``. :class:`MaskingConfig` holds these settings; a MultiMAE owns one.
 
 Randomness comes, in order of precedence, from per-sample seeds (``mask_seeds``: sample b's mask is a pure
 function of ``mask_seeds[b]``), an explicit ``generator``, or torch's global RNG (same draw order as the
@@ -15,12 +16,14 @@ from __future__ import annotations
 import itertools
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "MaskingConfig",
     "TokenMasks",
     "expand_alphas",
     "generate_random_masks",
@@ -29,6 +32,42 @@ __all__ = [
 ]
 
 Alphas = float | int | Sequence[float]
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """How MultiMAE masks its input tokens (see :func:`generate_random_masks`).
+
+    Args:
+        num_encoded_tokens: Visible tokens per sample given to the encoder (MultiMAE-B: 98 of 588 at 224 px).
+        alphas: Dirichlet concentration of the per-sample task shares, one value or one per input task (lower =
+            less even shares).
+        sample_tasks_uniformly: Pick a random non-empty subset of the input tasks per sample first; the others
+            get (almost) no visible tokens.
+        tie_break_noise: Resolve the rounding of the shares at random (the MultiMAE reference); False keeps the
+            visible tokens in index order (the AtteNT fork, a small positional bias).
+    """
+
+    num_encoded_tokens: int = 98
+    alphas: Alphas = 1.0
+    sample_tasks_uniformly: bool = False
+    tie_break_noise: bool = True
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.num_encoded_tokens, bool)
+            or int(self.num_encoded_tokens) != self.num_encoded_tokens
+        ):
+            raise ValueError(f"num_encoded_tokens must be an integer, got {self.num_encoded_tokens!r}")
+        if self.num_encoded_tokens < 1:
+            raise ValueError(f"num_encoded_tokens must be >= 1, got {self.num_encoded_tokens}")
+        object.__setattr__(self, "num_encoded_tokens", int(self.num_encoded_tokens))
+        if not isinstance(self.alphas, numbers.Real):
+            # A list (or Hydra ListConfig) becomes a tuple: the config stays immutable and hashable.
+            object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        values = [self.alphas] if isinstance(self.alphas, numbers.Real) else self.alphas
+        if not values or any(a <= 0 for a in values):
+            raise ValueError(f"Dirichlet alphas must be positive, got {self.alphas!r}")
 
 
 class TokenMasks(NamedTuple):
@@ -134,7 +173,7 @@ def _draw_keep_order(
 
     if tie_break_noise:
         return torch.argsort(mask_all + _rand(tuple(mask_all.shape), generator, device), dim=1)
-    return torch.argsort(mask_all, dim=1, stable=True)  # [F]/[A]: visible tokens in index order
+    return torch.argsort(mask_all, dim=1, stable=True)  # AtteNT fork: visible tokens in index order
 
 
 def _finalise(
@@ -170,8 +209,8 @@ def generate_random_masks(
         num_encoded_tokens: Visible tokens per sample, 1 <= n <= Σ N_t.
         alphas: Dirichlet concentration, scalar (float or int) or one per task.
         sample_tasks_uniformly: Pick a random non-empty task subset first (see ``sample_task_shares``).
-        tie_break_noise: Resolve the rounding surplus/deficit at random ([E]); False keeps visible tokens in
-            index order ([F]/[A], a small positional bias).
+        tie_break_noise: Resolve the rounding surplus/deficit at random (the MultiMAE reference); False keeps
+            visible tokens in index order (the AtteNT fork, a small positional bias).
         mask_seeds: Optional int64 (B,) seeds; sample b then draws everything from a CPU generator seeded with
             ``mask_seeds[b]``, independent of the rest of the batch. Takes precedence over ``generator``.
         generator: Optional generator for the whole batch; None uses the global RNG.
@@ -217,8 +256,9 @@ def generate_random_masks(
 def ids_from_task_masks(task_masks: Mapping[str, Tensor], num_tokens: Mapping[str, int]) -> TokenMasks:
     """Builds ids_keep/ids_restore from user-given masks (1 = masked).
 
-    Unlike the reference (Q14b), the number of kept tokens is counted per sample; it must be equal across the
-    batch, since the encoder input is a dense (B, n, D) tensor.
+    Unlike the reference, which counts the kept tokens over the whole batch (so with B > 1 its ids_keep also
+    takes masked tokens), the number of kept tokens is counted per sample; it must be equal across the batch, since the encoder
+    input is a dense (B, n, D) tensor.
 
     Args:
         task_masks: {task: (B, N_t)} masks for every task in ``num_tokens``.

@@ -1,19 +1,26 @@
-"""MultiMAE: multi-modal multi-task masked autoencoder (reference §1.1, 1.2, 1.4) and its Hydra builder."""
+"""MultiMAE: multi-modal multi-task masked autoencoder (Bachmann et al. 2022) and its Hydra builder."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from attent_vision.data.modalities import (
+    DEFAULT_MODALITIES,
+    IMAGE_MODALITY,
+    MODALITIES,
+    NORM_PIX_TASK,
+    check_modalities,
+)
 from attent_vision.models.blocks import transformer_blocks
 from attent_vision.models.input_adapters import PatchedInputAdapter, SemSegInputAdapter
-from attent_vision.models.masking import Alphas, TokenMasks, generate_random_masks, ids_from_task_masks
+from attent_vision.models.masking import MaskingConfig, TokenMasks, generate_random_masks, ids_from_task_masks
 from attent_vision.models.output_adapters import (
     InputInfo,
     SpatialOutputAdapter,
@@ -21,7 +28,7 @@ from attent_vision.models.output_adapters import (
     default_norm_layer,
 )
 
-__all__ = ["DOMAINS", "MODEL_SIZES", "EncoderOutput", "MultiMAE", "build_pretrain_multimae"]
+__all__ = ["MODEL_SIZES", "EncoderOutput", "MultiMAE", "build_pretrain_multimae"]
 
 
 class EncoderOutput(NamedTuple):
@@ -41,9 +48,11 @@ class EncoderOutput(NamedTuple):
 class MultiMAE(nn.Module):
     """Multi-modal masked autoencoder: input adapters → masked ViT encoder → per-task output adapters.
 
-    Tokens of the input tasks are concatenated in the order of ``input_adapters`` (never a set, A18), a subset
-    is kept by Dirichlet masking, global tokens are appended after them without positional embedding, and a
-    plain stack of pre-norm blocks (no final norm) encodes them.
+    Tokens of the input tasks are concatenated in the order of ``input_adapters`` (an ordered dict, never a set,
+    whose order would vary between runs and scramble the token layout), a subset is kept by Dirichlet masking
+    (``masking``), global tokens are appended after them without positional embedding, and a plain stack of
+    pre-norm blocks (no final norm) encodes them. ``model(x, mask_seeds)`` masks, encodes and decodes with the
+    model's own :class:`~attent_vision.models.masking.MaskingConfig`.
 
     Args:
         input_adapters: {task: adapter} with the ``init(dim_tokens)`` protocol.
@@ -58,6 +67,8 @@ class MultiMAE(nn.Module):
         attn_drop_rate: Attention-probability dropout.
         drop_path_rate: Stochastic depth of the last block (linear ramp from 0).
         norm_layer: Normalisation layer factory.
+        masking: How the input tokens are masked (default ``MaskingConfig()``).
+        fp32_output_adapters: Output tasks decoded with autocast disabled, on fp32 encoder tokens.
     """
 
     def __init__(
@@ -75,6 +86,8 @@ class MultiMAE(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_layer: type[nn.Module] | partial = default_norm_layer,
+        masking: MaskingConfig | None = None,
+        fp32_output_adapters: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not input_adapters:
@@ -109,6 +122,8 @@ class MultiMAE(nn.Module):
             norm_layer=norm_layer,
         )
         self.dim_tokens = dim_tokens
+        self.masking = masking if masking is not None else MaskingConfig()
+        self.fp32_output_adapters = tuple(fp32_output_adapters)
         self.init_weights()
 
     # ------------------------------------------------------------------ initialisation
@@ -123,8 +138,9 @@ class MultiMAE(nn.Module):
             nn.init.zeros_(m.bias)
 
     def init_weights(self) -> None:
-        """Reference init (§1.2) after the adapters' own init: xavier Linears with zero bias (all of them, heads
-        included, Q3), LayerNorm 1/0, Q·K·V-aware bounds for ``qkv``/``kv`` and xavier patch convolutions."""
+        """The reference init, run after the adapters' own init: xavier Linears with zero bias (all of them, the
+        output adapters' final projections included, although their constructors init them otherwise), LayerNorm
+        1/0, Q·K·V-aware bounds for ``qkv``/``kv`` and xavier patch convolutions."""
         self.apply(self._init_linear_and_norm)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
@@ -154,10 +170,12 @@ class MultiMAE(nn.Module):
 
     # ------------------------------------------------------------------ forward steps
     def infer_image_size(self, x: Mapping[str, Tensor]) -> tuple[int, int]:
-        """Full image size from rgb, else from semseg × stride, else from the first input × its stride."""
-        if "rgb" in x:
-            return tuple(x["rgb"].shape[-2:])
-        task = "semseg" if "semseg" in x and "semseg" in self.input_adapters else next(iter(x))
+        """Full image size from the image (rgb), else from a class-id map (semseg) × its stride, else from the
+        first input × its stride."""
+        if IMAGE_MODALITY in x:
+            return tuple(x[IMAGE_MODALITY].shape[-2:])
+        strided = [t for t in x if t in self.input_adapters and t in MODALITIES and MODALITIES[t].class_ids]
+        task = strided[0] if strided else next(iter(x))
         stride = getattr(self.input_adapters[task], "stride_level", 1)
         h, w = x[task].shape[-2:]
         return h * stride, w * stride
@@ -203,17 +221,14 @@ class MultiMAE(nn.Module):
     def sample_masks(
         self,
         tokens: Mapping[str, Tensor],
+        masking: MaskingConfig,
         *,
         mask_inputs: bool,
         task_masks: Mapping[str, Tensor] | None,
-        num_encoded_tokens: int,
-        alphas: Alphas,
-        sample_tasks_uniformly: bool,
-        tie_break_noise: bool,
         mask_seeds: Tensor | None,
         generator: torch.Generator | None,
     ) -> TokenMasks:
-        """User masks, Dirichlet masks, or (mask_inputs=False) all tokens in index order."""
+        """User masks, Dirichlet masks drawn as ``masking`` says, or (mask_inputs=False) all tokens in order."""
         counts = {t: v.shape[1] for t, v in tokens.items()}
         first = next(iter(tokens.values()))
         batch, device = first.shape[0], first.device
@@ -227,10 +242,10 @@ class MultiMAE(nn.Module):
         return generate_random_masks(
             counts,
             batch_size=batch,
-            num_encoded_tokens=num_encoded_tokens,
-            alphas=alphas,
-            sample_tasks_uniformly=sample_tasks_uniformly,
-            tie_break_noise=tie_break_noise,
+            num_encoded_tokens=masking.num_encoded_tokens,
+            alphas=masking.alphas,
+            sample_tasks_uniformly=masking.sample_tasks_uniformly,
+            tie_break_noise=masking.tie_break_noise,
             mask_seeds=mask_seeds,
             generator=generator,
             device=device,
@@ -243,55 +258,47 @@ class MultiMAE(nn.Module):
         global_tokens = self.global_tokens.expand(x.shape[0], -1, -1)  # [B, G, D]
         return self.encoder(torch.cat([x, global_tokens], dim=1))
 
-    def decode(
-        self,
-        encoder_tokens: Tensor,
-        input_info: InputInfo,
-        masks: TokenMasks,
-        fp32_output_adapters: Sequence[str],
-    ) -> dict[str, Tensor]:
-        """Runs every output adapter; those in ``fp32_output_adapters`` with autocast off on fp32 tokens."""
+    def decode(self, features: EncoderOutput, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Runs the output adapters of ``tasks`` (default: all, in adapter order) on the encoder output; those in
+        ``fp32_output_adapters`` with autocast off on fp32 tokens."""
+        tokens, info, masks = features.tokens, features.input_info, features.masks
+        adapters = self.output_adapters or {}
         preds = {}
-        for task, adapter in (self.output_adapters or {}).items():
-            if task in fp32_output_adapters:
-                with torch.autocast(device_type=encoder_tokens.device.type, enabled=False):
-                    preds[task] = adapter(
-                        encoder_tokens.float(), input_info, masks.ids_keep, masks.ids_restore
-                    )
+        for task in adapters if tasks is None else tasks:
+            adapter = adapters[task]
+            if task in self.fp32_output_adapters:
+                with torch.autocast(device_type=tokens.device.type, enabled=False):
+                    preds[task] = adapter(tokens.float(), info, masks.ids_keep, masks.ids_restore)
             else:
-                preds[task] = adapter(encoder_tokens, input_info, masks.ids_keep, masks.ids_restore)
+                preds[task] = adapter(tokens, info, masks.ids_keep, masks.ids_restore)
         return preds
 
     def forward_features(
         self,
         x: Mapping[str, Tensor] | Tensor,
+        mask_seeds: Tensor | None = None,
         *,
+        masking: MaskingConfig | None = None,
         mask_inputs: bool = True,
         task_masks: Mapping[str, Tensor] | None = None,
-        num_encoded_tokens: int = 128,
-        alphas: Alphas = 1.0,
-        sample_tasks_uniformly: bool = False,
-        tie_break_noise: bool = True,
-        mask_seeds: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
         """Tokenise, mask and encode (see :meth:`forward` for the arguments)."""
-        x = {"rgb": x} if isinstance(x, Tensor) else x
+        masking = masking if masking is not None else self.masking
+        x = {IMAGE_MODALITY: x} if isinstance(x, Tensor) else x
         tokens, image_size = self.tokenize(x)
         input_info = self.build_input_info(tokens, image_size)
-        if mask_inputs and task_masks is None and not 1 <= num_encoded_tokens <= input_info.num_task_tokens:
+        budget = masking.num_encoded_tokens
+        if mask_inputs and task_masks is None and not 1 <= budget <= input_info.num_task_tokens:
             raise ValueError(
                 f"num_encoded_tokens must be in [1, {input_info.num_task_tokens}] (the total number of input "
-                f"tokens), got {num_encoded_tokens}"
+                f"tokens), got {budget}"
             )
         masks = self.sample_masks(
             tokens,
+            masking,
             mask_inputs=mask_inputs,
             task_masks=task_masks,
-            num_encoded_tokens=num_encoded_tokens,
-            alphas=alphas,
-            sample_tasks_uniformly=sample_tasks_uniformly,
-            tie_break_noise=tie_break_noise,
             mask_seeds=mask_seeds,
             generator=generator,
         )
@@ -300,48 +307,37 @@ class MultiMAE(nn.Module):
     def forward(
         self,
         x: Mapping[str, Tensor] | Tensor,
+        mask_seeds: Tensor | None = None,
         *,
+        masking: MaskingConfig | None = None,
         mask_inputs: bool = True,
         task_masks: Mapping[str, Tensor] | None = None,
-        num_encoded_tokens: int = 128,
-        alphas: Alphas = 1.0,
-        sample_tasks_uniformly: bool = False,
-        tie_break_noise: bool = True,
-        mask_seeds: Tensor | None = None,
         generator: torch.Generator | None = None,
-        fp32_output_adapters: Sequence[str] = (),
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Masked multi-task reconstruction.
+        """Masked multi-task reconstruction, masking as ``self.masking`` says.
 
         Args:
             x: {task: tensor}; rgb/depth (B, C, H, W), semseg (B, H/stride, W/stride) int64. Tasks without an
                 input adapter are ignored; any non-empty subset of the input tasks works. A bare tensor is rgb.
+            mask_seeds: Optional int64 (B,) per-sample mask seeds: sample b's mask is then a function of
+                ``mask_seeds[b]`` alone (reproducible validation and scoring).
+            masking: Overrides ``self.masking`` for this call.
             mask_inputs: Mask tokens (False encodes every token).
             task_masks: Optional {task: (B, N_t)} masks (1 = masked) with the same visible count per sample.
-            num_encoded_tokens: Visible tokens per sample.
-            alphas: Dirichlet concentration (float, int or one per present input task).
-            sample_tasks_uniformly: Pick a random non-empty task subset per sample before the Dirichlet draw.
-            tie_break_noise: Random rounding tie-break ([E]); False gives the [F]/[A] variant.
-            mask_seeds: Optional int64 (B,) per-sample mask seeds (reproducible scoring).
-            generator: Optional generator for the masks.
-            fp32_output_adapters: Output tasks decoded with autocast disabled on fp32 encoder tokens.
+            generator: Optional generator for the masks (when there are no ``mask_seeds``).
 
         Returns:
             ({task: prediction (B, C, H/stride, W/stride)}, {task: mask (B, N_t), 1 = masked}).
         """
         features = self.forward_features(
             x,
+            mask_seeds,
+            masking=masking,
             mask_inputs=mask_inputs,
             task_masks=task_masks,
-            num_encoded_tokens=num_encoded_tokens,
-            alphas=alphas,
-            sample_tasks_uniformly=sample_tasks_uniformly,
-            tie_break_noise=tie_break_noise,
-            mask_seeds=mask_seeds,
             generator=generator,
         )
-        preds = self.decode(features.tokens, features.input_info, features.masks, fp32_output_adapters)
-        return preds, features.masks.task_masks
+        return self.decode(features), features.masks.task_masks
 
 
 # ---------------------------------------------------------------------- builder
@@ -353,21 +349,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "base": {"dim_tokens": 768, "depth": 12, "num_heads": 12},
     "large": {"dim_tokens": 1024, "depth": 24, "num_heads": 16},
 }
-
-# Domain table (reference §2.1): rgb and depth are patched maps at stride 1 (3 and 1 channels); semseg is a
-# label map at ``semseg_stride`` with a 64-d class embedding in and ``semseg_num_classes`` logits out.
-DOMAINS: tuple[str, ...] = ("rgb", "depth", "semseg")
-_DENSE_CHANNELS: dict[str, int] = {"rgb": 3, "depth": 1}
-
-
-def _check_domains(kind: str, domains: Sequence[str]) -> list[str]:
-    domains = list(domains)
-    unknown = [d for d in domains if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"unknown {kind} {unknown}; allowed: {list(DOMAINS)}")
-    if not domains or len(set(domains)) != len(domains):
-        raise ValueError(f"{kind} must be a non-empty list of distinct domains, got {domains}")
-    return domains
 
 
 def _encoder_size(size: str) -> dict[str, int]:
@@ -393,9 +374,14 @@ def _input_adapter(
     semseg_stride: int,
     semseg_padding_idx: int | None = None,
 ) -> nn.Module:
-    """The input adapter of one domain of the table above (shared by the pretraining and fine-tuning builders)."""
+    """The input adapter of a registered modality (shared by the pretraining and fine-tuning builders).
+
+    A class-id map (semseg) is read at ``semseg_stride`` through a 64-d class embedding; any other modality is
+    patched at full resolution by a convolution over its channels.
+    """
+    modality = MODALITIES[domain]
     common = dict(patch_size_full=patch_size, image_size=image_size, learnable_pos_emb=learnable_pos_emb)
-    if domain == "semseg":
+    if modality.class_ids:
         return SemSegInputAdapter(
             num_classes=semseg_num_classes,
             stride_level=semseg_stride,
@@ -404,16 +390,22 @@ def _input_adapter(
             modality=domain,
             **common,
         )
-    return PatchedInputAdapter(
-        num_channels=_DENSE_CHANNELS[domain], stride_level=1, modality=domain, **common
-    )
+    return PatchedInputAdapter(num_channels=modality.channels, stride_level=1, modality=domain, **common)
+
+
+def _output_layout(domain: str, *, semseg_num_classes: int, semseg_stride: int) -> tuple[int, int]:
+    """(output channels, stride) of a registered modality: class-id maps give one logit per class at stride."""
+    modality = MODALITIES[domain]
+    if modality.class_ids:
+        return semseg_num_classes, semseg_stride
+    return modality.channels, 1
 
 
 def build_pretrain_multimae(
     *,
     size: str = "base",
-    in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
-    out_domains: Sequence[str] = ("rgb", "depth", "semseg"),
+    in_domains: Sequence[str] = DEFAULT_MODALITIES,
+    out_domains: Sequence[str] = DEFAULT_MODALITIES,
     image_size: int = 224,
     patch_size: int = 16,
     semseg_num_classes: int = 133,
@@ -425,8 +417,13 @@ def build_pretrain_multimae(
     num_global_tokens: int = 1,
     drop_path_rate: float = 0.0,
     learnable_pos_emb: bool = False,
+    masking: MaskingConfig | Mapping[str, Any] | None = None,
+    fp32_output_adapters: Sequence[str] | None = None,
 ) -> MultiMAE:
-    """Builds the MultiMAE pretraining model (reference ``pretrain_multimae_base/large`` + domain table).
+    """Builds the MultiMAE pretraining model (reference ``pretrain_multimae_base/large``).
+
+    Every modality's adapters follow its entry in ``attent_vision.data.modalities.MODALITIES``: channels, and
+    whether it is a class-id map (read and predicted at ``semseg_stride``, ``semseg_num_classes`` logits).
 
     Sizes: micro (128/4/4), tiny (192/12/3), small (384/12/6), base (768/12/12), large (1024/24/16); all with
     mlp_ratio 4, qkv_bias and LayerNorm eps 1e-6. Only base and large have released MultiMAE weights; micro,
@@ -434,7 +431,7 @@ def build_pretrain_multimae(
 
     Args:
         size: Encoder size name, a key of ``MODEL_SIZES``.
-        in_domains: Input modalities (rgb, depth, semseg); their order is the token order.
+        in_domains: Input modalities (registered names, e.g. rgb, depth, semseg); their order is the token order.
         out_domains: Reconstructed modalities.
         image_size: Default full image size (sets the stored positional-embedding grids).
         patch_size: Patch size on the full image.
@@ -447,19 +444,30 @@ def build_pretrain_multimae(
         num_global_tokens: Number of global tokens.
         drop_path_rate: Encoder stochastic depth.
         learnable_pos_emb: Train the input adapters' positional embeddings.
+        masking: The model's token masking (a ``MaskingConfig`` or its fields; default ``MaskingConfig()``).
+        fp32_output_adapters: Output tasks decoded in fp32 under mixed precision; None: the class-id outputs
+            (semseg), whose many-class logits lose too much in bf16.
 
     Returns:
         The initialised MultiMAE.
     """
     encoder = _encoder_size(size)
-    in_domains = _check_domains("in_domains", in_domains)
-    out_domains = _check_domains("out_domains", out_domains)
+    in_domains = check_modalities("in_domains", in_domains)
+    out_domains = check_modalities("out_domains", out_domains)
     _check_geometry(image_size=image_size, patch_size=patch_size, semseg_stride=semseg_stride)
 
+    if masking is not None and not isinstance(masking, MaskingConfig):
+        masking = MaskingConfig(**masking)
+    if fp32_output_adapters is None:
+        fp32_output_adapters = [d for d in out_domains if MODALITIES[d].class_ids]
+
     def output_adapter(domain: str, task: str) -> SpatialOutputAdapter:
+        channels, stride = _output_layout(
+            domain, semseg_num_classes=semseg_num_classes, semseg_stride=semseg_stride
+        )
         return SpatialOutputAdapter(
-            num_channels=semseg_num_classes if domain == "semseg" else _DENSE_CHANNELS[domain],
-            stride_level=semseg_stride if domain == "semseg" else 1,
+            num_channels=channels,
+            stride_level=stride,
             patch_size_full=patch_size,
             dim_tokens=decoder_dim,
             depth=decoder_depth,
@@ -473,7 +481,7 @@ def build_pretrain_multimae(
 
     outputs = {d: output_adapter(d, d) for d in out_domains}
     if extra_norm_pix_loss:
-        outputs["norm_rgb"] = output_adapter("rgb", "rgb")
+        outputs[NORM_PIX_TASK] = output_adapter(IMAGE_MODALITY, IMAGE_MODALITY)
     return MultiMAE(
         input_adapters={
             d: _input_adapter(
@@ -492,5 +500,7 @@ def build_pretrain_multimae(
         mlp_ratio=4.0,
         qkv_bias=True,
         norm_layer=default_norm_layer,
+        masking=masking,
+        fp32_output_adapters=fp32_output_adapters,
         **encoder,
     )

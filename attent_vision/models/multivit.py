@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attent_vision.data.modalities import IMAGE_MODALITY, check_modalities
 from attent_vision.models.multimae import (
     EncoderOutput,
     MultiMAE,
-    _check_domains,
     _check_geometry,
     _encoder_size,
     _input_adapter,
@@ -27,7 +27,8 @@ class MultiViT(MultiMAE):
 
     State-dict keys equal MultiMAE's (``input_adapters.*``, ``global_tokens``, ``encoder.<i>.*``,
     ``output_adapters.<task>.*``), so pretraining checkpoints load directly. The heads are attached after
-    MultiMAE's xavier re-init and are left out of :meth:`init_weights`, so they keep their own init (Q3).
+    MultiMAE's xavier re-init and are left out of :meth:`init_weights`, so they keep their own init (the reference
+    re-inits them with xavier too, which undoes e.g. the small ``init_scale`` of the linear head).
     A head is called as ``head(final_tokens, input_info)``, or with the list of every encoder layer's output
     when its ``needs_all_layers`` attribute is true (DPT).
 
@@ -48,7 +49,7 @@ class MultiViT(MultiMAE):
         self.output_adapters = nn.ModuleDict(dict(output_adapters or {}))
 
     def init_weights(self) -> None:
-        """MultiMAE's reference init (§1.2) of the encoder and input adapters; heads are left untouched."""
+        """MultiMAE's reference init of the encoder and input adapters; heads are left untouched."""
         heads = self._modules.pop("output_adapters", None)  # hidden from MultiMAE's self.apply
         try:
             super().init_weights()
@@ -71,10 +72,15 @@ class MultiViT(MultiMAE):
         }
 
     def forward_features(
-        self, x: Mapping[str, Tensor] | Tensor, *, mask_inputs: bool = False, **kwargs: Any
+        self,
+        x: Mapping[str, Tensor] | Tensor,
+        mask_seeds: Tensor | None = None,
+        *,
+        mask_inputs: bool = False,
+        **kwargs: Any,
     ) -> EncoderOutput:
         """MultiMAE's :meth:`~MultiMAE.forward_features`, but encoding every token unless asked to mask."""
-        return super().forward_features(x, mask_inputs=mask_inputs, **kwargs)
+        return super().forward_features(x, mask_seeds, mask_inputs=mask_inputs, **kwargs)
 
     def forward_encoder(
         self, x: Mapping[str, Tensor] | Tensor, *, return_all_layers: bool = False
@@ -88,7 +94,7 @@ class MultiViT(MultiMAE):
         Returns:
             (final tokens [B, N + G, D] or L × [B, N + G, D], input_info); global tokens last.
         """
-        x = {"rgb": x} if isinstance(x, Tensor) else x
+        x = {IMAGE_MODALITY: x} if isinstance(x, Tensor) else x
         tokens, image_size = self.tokenize(x)
         input_info = self.build_input_info(tokens, image_size)
         h = torch.cat(list(tokens.values()), dim=1)  # [B, N, D]
@@ -170,7 +176,7 @@ def build_multivit(
         The initialised MultiViT.
     """
     encoder = _encoder_size(size)
-    in_domains = _check_domains("in_domains", in_domains)
+    in_domains = check_modalities("in_domains", in_domains)
     _check_geometry(image_size=image_size, patch_size=patch_size, semseg_stride=semseg_stride)
     derived = {
         "dim_tokens_enc": encoder["dim_tokens"],

@@ -1,4 +1,4 @@
-"""MultiMAE's spatial cross-attention decoder (reference §1.5) and the token-layout record it reads."""
+"""MultiMAE's spatial cross-attention decoder and the token-layout record it reads."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class CrossAttention(nn.Module):
 
 
 class SpatialOutputAdapter(nn.Module):
-    """Cross-attention decoder that reconstructs one dense task from the encoder tokens (MultiMAE §1.5).
+    """Cross-attention decoder that reconstructs one dense task from the encoder tokens (MultiMAE's).
 
     Queries are the full token grid of ``task`` (encoded visible tokens plus mask tokens, with positional and
     task embeddings); the context is the visible tokens of every input task plus the global tokens.
@@ -93,8 +93,8 @@ class SpatialOutputAdapter(nn.Module):
         dim_tokens_enc: Encoder width; when given, ``init`` runs immediately.
         dim_tokens: Decoder width.
         depth: Number of self-attention blocks after the cross-attention.
-        learnable_pos_emb: Learn the positional embedding (layout (1, D, h, w), unlike the reference's
-            inconsistent (1, h, w, D), Q9).
+        learnable_pos_emb: Learn the positional embedding (layout (1, D, h, w); the reference creates the
+            learnable one as (1, h, w, D), which its own forward then misreads).
         image_size: Default full image size, sets the stored positional-embedding grid.
         mlp_ratio: MLP hidden ratio.
         num_heads: Attention heads.
@@ -146,7 +146,8 @@ class SpatialOutputAdapter(nn.Module):
         self.P_H = max(1, self.patch_size_full[0] // stride_level)
         self.P_W = max(1, self.patch_size_full[1] // stride_level)
 
-        # Empty (no state-dict keys) when context_tasks is None, so lookups never fail (Q9).
+        # Empty (no state-dict keys) when context_tasks is None, so lookups never fail (the reference then has no
+        # task_embeddings attribute at all and fails in forward).
         self.task_embeddings = nn.ParameterDict(
             {t: nn.Parameter(torch.zeros(1, 1, dim_tokens)) for t in (context_tasks or ())}
         )
@@ -200,7 +201,8 @@ class SpatialOutputAdapter(nn.Module):
         self.proj_context = nn.Linear(dim_tokens_enc, self.dim_tokens)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (relative to this adapter) exempt from weight decay (real names, unlike Q10)."""
+        """Parameter names (relative to this adapter) exempt from weight decay (names that exist; the
+        reference lists some names that match no parameter)."""
         return {"pos_emb", "mask_token", *(f"task_embeddings.{t}" for t in self.task_embeddings)}
 
     def output_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
@@ -233,7 +235,8 @@ class SpatialOutputAdapter(nn.Module):
     def queries_and_context(
         self, context_tokens: Tensor, input_info: InputInfo, ids_keep: Tensor, ids_restore: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Builds decoder queries and context from projected encoder tokens (steps 2-5 of §1.5).
+        """Builds decoder queries and context from projected encoder tokens: mask tokens appended and unshuffled
+        to the full layout, task and positional embeddings added, then this task's grid taken as queries.
 
         Args:
             context_tokens: Projected encoder output [B, n_visible + G, D].

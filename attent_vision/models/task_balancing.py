@@ -1,4 +1,4 @@
-"""Task-loss balancers (MultiMAE §2.4). Build them from Hydra with ``_target_``."""
+"""Task-loss balancers of MultiMAE pretraining. Build them from Hydra with ``_target_``."""
 
 from __future__ import annotations
 
