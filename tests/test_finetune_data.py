@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from attent_vision.data.downstream import ClassificationDataModule, DenseDataModule, DenseTransform
-from attent_vision.data.modalities import DataFormatError
+from attent_vision.data.constants import IMAGE_EXTENSIONS
+from attent_vision.data.downstream import (
+    ClassificationDataModule,
+    DenseDataModule,
+    DenseTransform,
+    ImageFolderItems,
+)
+from attent_vision.data.modalities import DataFormatError, is_image_file
 from attent_vision.data.synthetic import ensure_synthetic_dataset
 from attent_vision.data.synthetic_downstream import (
     NYU_DEPTH_SCALE,
@@ -105,6 +112,17 @@ def test_corrupt_classification_image_is_named(tmp_path: Path) -> None:
     index = next(i for i, (path, _) in enumerate(dm.train_set.samples) if path.endswith("bad.png"))
     with pytest.raises(DataFormatError, match=r"bad\.png"):
         dm.train_set[index]
+
+
+def test_multimodal_folder_and_image_folder_accept_the_same_files(tmp_path: Path) -> None:
+    """constants.IMAGE_EXTENSIONS is written out (importing torchvision loads torch); it must track torchvision's."""
+    assert tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS) == IMAGE_EXTENSIONS
+    folder = tmp_path / "a"
+    folder.mkdir()
+    for name in ("x.PNG", "y.jpeg", "notes.txt", "z.jpx"):
+        (folder / name).write_bytes(b"")
+    assert [Path(path).name for path, _ in ImageFolderItems(tmp_path).samples] == ["x.PNG", "y.jpeg"]
+    assert sorted(p.name for p in folder.iterdir() if is_image_file(p)) == ["x.PNG", "y.jpeg"]
 
 
 def test_reduce_zero_label_and_depth_in_metres() -> None:

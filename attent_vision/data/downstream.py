@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment as timm_auto_augment
-from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from .constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SEG_IGNORE_INDEX
+from .constants import SEG_IGNORE_INDEX
 from .folder import MultiModalFolder
-from .modalities import DataFormatError, is_image_file, read_rgb
+from .modalities import DataFormatError, read_rgb
 from .synthetic_downstream import ensure_classification_scenes, ensure_nyu_like_scenes
 from .validate import ValidationReport, validate_folder, validate_image_folder
 
@@ -65,9 +65,9 @@ class ImageFolderItems(ImageFolder):
             raise DataFormatError(f"{root} is not a directory: expected <split>/<class>/<image> folders")
         try:
             # allow_empty: a class with no image in one split still keeps its index (same numbering in every split).
-            super().__init__(
-                str(root), transform=transform, loader=read_rgb, is_valid_file=is_image_file, allow_empty=True
-            )
+            # Files are filtered by ImageFolder's default, torchvision's IMG_EXTENSIONS (the list MultiModalFolder
+            # accepts too, see constants.IMAGE_EXTENSIONS).
+            super().__init__(str(root), transform=transform, loader=read_rgb, allow_empty=True)
         except FileNotFoundError as error:  # no class folder, or a class folder without images
             raise DataFormatError(f"{root}: {error}") from None
 

@@ -49,8 +49,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .constants import IMAGE_EXTENSIONS
-from .modalities import DataFormatError
+from .modalities import DataFormatError, is_image_file
 
 __all__ = [
     "LINK_MODES",
@@ -456,6 +455,7 @@ def _scan_tree(root: Path, classes: Sequence[str] | None = None) -> dict[str, Pa
         classes: When given, only these class folders are scanned; otherwise every non-hidden subfolder.
     """
     if classes is None:
+        # Hidden folders are skipped, as MultiModalFolder does (torchvision's find_classes would count them).
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     files: dict[str, Path] = {}
     for name in classes:
@@ -464,10 +464,7 @@ def _scan_tree(root: Path, classes: Sequence[str] | None = None) -> dict[str, Pa
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = Path(dirpath).relative_to(root)
             for filename in sorted(filenames):
-                if (
-                    filename.startswith(".")
-                    or Path(filename).suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS
-                ):
+                if filename.startswith(".") or not is_image_file(filename):
                     continue
                 key = (rel_dir / Path(filename).stem).as_posix()
                 path = Path(dirpath) / filename

@@ -1,0 +1,5 @@
+"""Entry point of `python -m attent_vision.data.synthetic`."""
+
+from .cli import main
+
+main()
