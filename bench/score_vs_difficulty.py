@@ -14,21 +14,9 @@ import json
 from pathlib import Path
 
 import torch
+from torchmetrics.functional import spearman_corrcoef
 
 from attent_vision.data.folder import MultiModalFolder
-
-
-def rank(values: torch.Tensor) -> torch.Tensor:
-    order = values.argsort()
-    ranks = torch.empty_like(values, dtype=torch.float64)
-    ranks[order] = torch.arange(values.numel(), dtype=torch.float64)
-    return ranks
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def main() -> None:
@@ -52,7 +40,8 @@ def main() -> None:
     rows = []
     for key in keys:
         values = torch.tensor([float(factors[s][key]) for s in stems], dtype=torch.float64)
-        rows.append((key, spearman(scores[known], values[known])))
+        # Tied values (the integer factors) get the mean of their ranks.
+        rows.append((key, float(spearman_corrcoef(scores[known], values[known]))))
     print("| factor | Spearman rho with the teacher's score |\n|---|---|")
     for key, rho in sorted(rows, key=lambda r: -abs(r[1])):
         print(f"| {key} | {rho:+.3f} |")

@@ -103,7 +103,7 @@ def test_pretrain_then_finetune_all_tasks_feeds_the_report(pretrained_run: tuple
         # Fine-tuning moved the encoder away from (but started at) the pretrained weights.
         assert set(k for k in tuned if k.startswith("encoder.")) <= set(pretrained)
     report = subprocess.run(
-        [sys.executable, "-m", "attent_vision.report", str(run_dir.parent)],
+        [sys.executable, "-m", "attent_vision.tools.report", str(run_dir.parent)],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -118,7 +118,7 @@ def test_multirun_over_tasks_and_the_sweep_tool(pretrained_run: tuple[Path, Path
     sweep = cwd / "outputs" / "ft_sweep"
     common = [*SHARED_TINY, *FINETUNE_COMMON, f"hydra.sweep.dir={sweep}"]
     dry = subprocess.run(
-        [sys.executable, "-m", "attent_vision.finetune_sweep", str(run_dir.parent), "--tasks", "cls", "--dry-run",
+        [sys.executable, "-m", "attent_vision.tools.finetune_sweep", str(run_dir.parent), "--tasks", "cls", "--dry-run",
          "--force", "--", *common],
         cwd=cwd, capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -126,7 +126,7 @@ def test_multirun_over_tasks_and_the_sweep_tool(pretrained_run: tuple[Path, Path
         "1 pretraining run(s) found" in dry.stdout and "task=cls" in dry.stdout and f"{run_dir}" in dry.stdout
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "attent_vision.finetune_sweep", str(run_dir.parent), "--tasks", "cls,depth",
+        [sys.executable, "-m", "attent_vision.tools.finetune_sweep", str(run_dir.parent), "--tasks", "cls,depth",
          "--force", "--", *common],
         cwd=cwd, capture_output=True, text=True,
         env={**__import__("os").environ, "ATTENT_DATA_DIR": str(cwd / "data"), "ATTENT_LOG_DIR": str(cwd / "outputs")},
@@ -140,7 +140,7 @@ def test_multirun_over_tasks_and_the_sweep_tool(pretrained_run: tuple[Path, Path
         and str(sweep) in details["NYUv2(D)"]["finetune_run"]
     )
     again = subprocess.run(
-        [sys.executable, "-m", "attent_vision.finetune_sweep", str(run_dir.parent), "--tasks", "cls", "--", *common],
+        [sys.executable, "-m", "attent_vision.tools.finetune_sweep", str(run_dir.parent), "--tasks", "cls", "--", *common],
         cwd=cwd, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "already has ImageNetS50" in again.stdout

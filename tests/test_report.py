@@ -1,4 +1,4 @@
-"""The sweep report (attent_vision.report) on a fake Hydra multirun directory: no training is run."""
+"""The sweep report (attent_vision.tools.report) on a fake Hydra multirun directory: no training is run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from attent_vision import report
+from attent_vision.tools import report
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("rgb", "depth", "semseg", "norm_rgb")
@@ -127,7 +127,7 @@ def table_rows(text: str) -> list[list[str]]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "attent_vision.report", *args],
+        [sys.executable, "-m", "attent_vision.tools.report", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -322,7 +322,7 @@ def test_a_two_job_sweep_runs_as_slurm_jobs_and_the_report_lists_both(launch, tm
             assert "Job completed successfully" in log_out
 
     report = subprocess.run(
-        [sys.executable, "-m", "attent_vision.report", str(sweep), "--out", str(tmp_path / "report")],
+        [sys.executable, "-m", "attent_vision.tools.report", str(sweep), "--out", str(tmp_path / "report")],
         cwd=tmp_path,
         capture_output=True,
         text=True,

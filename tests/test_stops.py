@@ -208,7 +208,7 @@ def test_one_bad_job_of_a_multirun_fails_alone_and_the_report_lists_it(tmp_path:
     assert bad["status"] == "failed" and "ratio.initial: 1.5 is outside (0, 1]" in bad["error"]
     assert good["status"] == "finished"
     report = subprocess.run(
-        [sys.executable, "-m", "attent_vision.report", str(sweep)],
+        [sys.executable, "-m", "attent_vision.tools.report", str(sweep)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

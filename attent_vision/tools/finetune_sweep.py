@@ -2,13 +2,13 @@
 
 Usage::
 
-    python -m attent_vision.finetune_sweep <sweep_dir> [<more dirs>...] [--tasks cls,semseg,depth] [--force]
+    python -m attent_vision.tools.finetune_sweep <sweep_dir> [<more dirs>...] [--tasks cls,semseg,depth] [--force]
         [--dry-run] [-- <finetune.py overrides, e.g. trainer.max_epochs=10 hydra/launcher=...>]
 
 Every directory below the given ones that holds a finished ``summary.json`` and a checkpoint is a pretraining run.
 For each task, the runs whose ``downstream.json`` lacks that task's column (all of them with ``--force``) are
 fine-tuned by ``python finetune.py -m task=<task> pretrained=<run>,<run>,...``; each job records its main metric in
-its run's ``downstream.json``, which ``python -m attent_vision.report <sweep_dir>`` shows as Table 3's
+its run's ``downstream.json``, which ``python -m attent_vision.tools.report <sweep_dir>`` shows as Table 3's
 ImageNetS50 / NYUv2(S) / NYUv2(D) columns. An interrupted sweep resumes where it stopped: finished (run, task)
 pairs are skipped.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: finetune.py and conf/
 FINETUNE = ROOT / "finetune.py"
 TASKS = ("cls", "semseg", "depth")
 
