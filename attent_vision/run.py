@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from attent_vision.config import ConfigError, validate_pretrain_config
 from attent_vision.data.validate import clean_worker_error
 from attent_vision.selection import AtteNTTeacher, EpochPlan
-from attent_vision.tasks.callbacks import RunSummary
+from attent_vision.tasks.callbacks import RunSummary, run_callbacks
 from attent_vision.tasks.checkpointing import (
     AtomicCheckpointIO,
     NoLoadableCheckpointError,
@@ -266,16 +266,20 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     # prepare_data() (generating the synthetic set) is Lightning's job: once per node, before any loader.
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    # The teacher goes last so per-epoch timings close before it scores for the next epoch.
-    callbacks = [*instantiate_group(cfg.get("callbacks")), teacher]
+    # summary.json is written whatever the callbacks group holds; the teacher goes after the configured callbacks so
+    # per-epoch timings close before it scores for the next epoch.
+    callbacks, summary_cb = run_callbacks(
+        instantiate_group(cfg.get("callbacks")),
+        RunSummary,
+        output_dir=str(cfg.paths.output_dir),
+        last=[teacher],
+    )
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
 
-    summary_cb = next((cb for cb in callbacks if isinstance(cb, RunSummary)), None)
     prepare_resume(resume_from, summary_cb, trainer.loggers)
     sizes = count_parameters(model.net)
-    if summary_cb is not None:
-        summary_cb.update(**sizes)
+    summary_cb.update(**sizes)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **sizes})
     log.info("model: %s, %.2f M parameters", cfg.model.net.size, sizes["params_total"] / 1e6)
@@ -288,7 +292,7 @@ def run_pretraining(cfg: DictConfig) -> float | None:
             initial = trainer.validate(model, datamodule=datamodule, verbose=False)
         finally:
             trainer.loggers = loggers
-        if summary_cb is not None and initial:
+        if initial:
             summary_cb.update(initial_val_loss=initial[0].get("val/loss"))
 
     previous_handlers = forward_signals_to_workers(trainer)

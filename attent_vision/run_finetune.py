@@ -25,7 +25,7 @@ from attent_vision.run import (
     prepare_resume,
     resume_checkpoint,
 )
-from attent_vision.tasks.callbacks import FinetuneSummary
+from attent_vision.tasks.callbacks import FinetuneSummary, run_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,12 @@ def run_finetuning(cfg: DictConfig) -> float | None:
         log.info("no pretrained weights: training from scratch")
     chance = module.chance_metrics(datamodule)
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # summary.json is written whatever the callbacks group holds (callbacks=none included).
+    callbacks, summary_cb = run_callbacks(
+        instantiate_group(cfg.get("callbacks")), FinetuneSummary, output_dir=str(output_dir)
+    )
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
-    summary_cb = next((cb for cb in callbacks if isinstance(cb, FinetuneSummary)), None)
     prepare_resume(resume_from, summary_cb, trainer.loggers)
     sizes = count_parameters(module.net)
     fields = {
@@ -138,8 +140,7 @@ def run_finetuning(cfg: DictConfig) -> float | None:
         "load_report": report.counts() if report is not None else None,
         **sizes,
     }
-    if summary_cb is not None:
-        summary_cb.update(**fields)
+    summary_cb.update(**fields)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **sizes})
     log.info(

@@ -1,16 +1,99 @@
 """Every config option composes and instantiates; bad values fail at start-up naming the key."""
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytest
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from attent_vision.config import ConfigError, validate_pretrain_config
-from tests.conftest import CONF_DIR, run_train
+from attent_vision.run import build_teacher, build_trainer, instantiate_group
+from attent_vision.tasks.callbacks import (
+    FinetuneSummary,
+    RunSummary,
+    SpawnedProcessGroupCleanup,
+    run_callbacks,
+)
+from tests.conftest import CONF_DIR, TINY_OVERRIDES, read_summary, run_train
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def groups(script: str) -> list[str]:
+    """The config groups of ``conf/<script>.yaml``'s defaults list, with their nested groups (``hydra/launcher``)."""
+    names = []
+    for entry in OmegaConf.load(CONF_DIR / f"{script}.yaml").defaults:
+        if isinstance(entry, str):  # _self_
+            continue
+        (key,) = entry.keys()
+        group = key.removeprefix("optional ").removeprefix("override ").strip()
+        names.append(group)
+        names += [f"{group}/{d.name}" for d in sorted((CONF_DIR / group).iterdir()) if d.is_dir()]
+    return names
+
+
+# Options written for the other entry point's primary config (they name keys only that one has).
+OWNER = {
+    ("callbacks", "default"): "train",
+    ("callbacks", "finetune"): "finetune",
+    ("hydra", "finetune"): "finetune",
+}
+
+
+def owner(group: str, option: str) -> str | None:
+    if group == "experiment":
+        return "finetune" if option.startswith("ft_") else "train"
+    return OWNER.get((group, option))
+
+
+def every_option() -> Iterator[Any]:
+    for script in ("train", "finetune"):
+        for group in groups(script):
+            for option in options(group):
+                if owner(group, option) in (None, script):
+                    yield pytest.param(script, group, option, id=f"{script}-{group}={option}")
+
+
+def target_paths(node: Any, path: str = "") -> Iterator[str]:
+    """Where the config has a ``_target_`` node (interpolations are counted where they point)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path
+        keys = [k for k in node if not OmegaConf.is_interpolation(node, k)]
+        children = [(f"{path}.{k}" if path else str(k), node[k]) for k in keys]
+    elif isinstance(node, ListConfig):
+        children = [
+            (f"{path}[{i}]", node[i]) for i in range(len(node)) if not OmegaConf.is_interpolation(node, i)
+        ]
+    else:
+        return
+    for child_path, child in children:
+        yield from target_paths(child, child_path)
+
+
+# What train.py (attent_vision.run) and finetune.py (attent_vision.run_finetune) instantiate; selection, scoring,
+# ratio and interval are built inside the teacher (teacher.selector: ${selection}, ...).
+BUILT = {
+    "train": {
+        "teacher",
+        "selection",
+        "scoring",
+        "ratio",
+        "interval",
+        "data",
+        "model",
+        "callbacks",
+        "logger",
+        "trainer",
+    },
+    "finetune": {"data", "module", "callbacks", "logger", "trainer"},
+}
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -21,22 +104,126 @@ def test_every_model_size_composes_and_validates(compose_cfg, model):
     assert cfg.model.net.image_size == cfg.data.input_size
 
 
-@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "data", "experiment"])
-def test_every_group_option_composes(compose_cfg, tmp_path, group):
-    # ft_* presets belong to finetune.py (tests/test_finetune_e2e.py composes them).
-    for option in [o for o in options(group) if not o.startswith("ft_")]:
-        overrides = [f"{group}={option}"]
-        if option == "multitask_folder" or option == "multimae_b_imagenet_s50":
-            overrides.append(f"data.root={tmp_path}")
+def for_this_machine(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets the Trainer of a GPU or cluster preset be built here: on the CPU when the GPUs are missing, and inside a
+    simulated SLURM job (rank 0 of the tasks the preset submits, counts Lightning checks against devices and nodes).
+    """
+    devices = cfg.trainer.get("devices", 1)
+    needed = devices if isinstance(devices, int) and devices > 0 else 1
+    if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.device_count() < needed:
+        with open_dict(cfg):
+            cfg.trainer.accelerator = "cpu"
+    if any("SLURMEnvironment" in str(p.get("_target_")) for p in cfg.trainer.get("plugins") or []):
+        launcher = cfg.hydra.launcher
+        job = {
+            "SLURM_NTASKS": launcher.tasks_per_node * launcher.nodes,
+            "SLURM_NTASKS_PER_NODE": launcher.tasks_per_node,
+            "SLURM_NNODES": launcher.nodes,
+            "SLURM_PROCID": 0,
+            "SLURM_LOCALID": 0,
+            "SLURM_NODEID": 0,
+            "SLURM_JOB_ID": 1,
+            "SLURM_JOB_NAME": "config_test",
+            "SLURM_NODELIST": "localhost",
+            "MASTER_ADDR": "127.0.0.1",  # set here, so that whatever Lightning writes to them is undone
+            "MASTER_PORT": 12910,
+        }
+        for name, value in job.items():
+            monkeypatch.setenv(name, str(value))
+
+
+@pytest.mark.filterwarnings("ignore:The `srun` command is available")
+@pytest.mark.parametrize(("script", "group", "option"), list(every_option()))
+def test_every_group_option_composes_and_instantiates(
+    compose_cfg, compose_finetune, tmp_path, monkeypatch, script, group, option
+):
+    """Each option of each group of train.py and finetune.py, composed as the CLI would (``@package _global_``
+    options bring their own overrides: selection=infobatch picks scoring=online), builds as its script builds it.
+
+    Models are built on the meta device (every constructor argument is checked, no 300 M parameters allocated);
+    W&B stays offline (the logger is built, no run is started).
+    """
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    compose = {"train": compose_cfg, "finetune": compose_finetune}[script]
+    override = f"{group}={option}"
+    cfg = compose(override)
+    missing = [
+        m for k in cfg if k != "hydra" and OmegaConf.is_config(cfg[k]) for m in OmegaConf.missing_keys(cfg[k])
+    ]
+    if missing:  # the real-dataset presets ask for data.root (`???`), as the CLI does
+        assert missing == ["data.root"], missing
+        cfg = compose(override, f"data.root={tmp_path / 'dataset'}")
+    if (group, option) == ("selection", "infobatch"):
+        assert cfg.scoring.mode == "online"
+    # Every _target_ node is one that the script builds (Hydra builds its own; the launcher is built below).
+    app = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    unbuilt = [p for p in target_paths(app) if p.split(".")[0] not in BUILT[script]]
+    assert not unbuilt, f"{override}: _target_ nodes that {script}.py does not build: {unbuilt}"
+
+    last: list[Any] = []
+    with torch.device("meta"):
+        hydra.utils.instantiate(cfg.model if script == "train" else cfg.module, _convert_="all")
+    if script == "train":
+        last = [build_teacher(cfg)]  # the selector, scorer and schedules inside it
+    hydra.utils.instantiate(cfg.data, _convert_="all")
+    callbacks, summary = run_callbacks(
+        instantiate_group(cfg.get("callbacks")),
+        RunSummary if script == "train" else FinetuneSummary,
+        output_dir=str(cfg.paths.output_dir),
+        last=last,
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    for_this_machine(cfg, monkeypatch)
+    trainer = build_trainer(cfg, callbacks, loggers)
+    assert [cb for cb in trainer.callbacks if isinstance(cb, RunSummary | FinetuneSummary)] == [summary]
+    assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in trainer.callbacks) == 1
+    assert all(cb in trainer.callbacks for cb in last)
+    launcher = cfg.hydra.launcher
+    if not str(launcher._target_).startswith(
+        "hydra._internal."
+    ):  # submitit's, from cluster= or hydra/launcher=
+        hydra.utils.instantiate(launcher)
+    wandb = sys.modules.get("wandb")
+    assert wandb is None or wandb.run is None, "building the config must not start a W&B run"
+
+
+def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
+    for overrides in [
+        ["callbacks=none"],
+        ["~callbacks"],
+        # a config written when the summary was still listed in conf/callbacks: used, not doubled
+        [
+            "+callbacks.run_summary._target_=attent_vision.tasks.callbacks.RunSummary",
+            "+callbacks.run_summary.output_dir=${paths.output_dir}",
+            "+callbacks.cleanup._target_=attent_vision.tasks.callbacks.SpawnedProcessGroupCleanup",
+        ],
+    ]:
         cfg = compose_cfg(*overrides)
-        assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+        teacher = build_teacher(cfg)
+        callbacks, summary = run_callbacks(
+            instantiate_group(cfg.get("callbacks")),
+            RunSummary,
+            output_dir=str(cfg.paths.output_dir),
+            last=[teacher],
+        )
+        assert [cb for cb in callbacks if isinstance(cb, RunSummary)] == [summary], overrides
+        assert summary.path == Path(cfg.paths.output_dir) / "summary.json"
+        assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in callbacks) == 1
+        # the summary first (its epoch times close before the pictures draw), the teacher after the configured ones
+        assert callbacks[0] is summary and callbacks[-2] is teacher
+        assert isinstance(callbacks[-1], SpawnedProcessGroupCleanup)
+    callbacks, summary = run_callbacks(
+        [RunSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
+    )
+    assert [type(cb) for cb in callbacks] == [FinetuneSummary, SpawnedProcessGroupCleanup]
+    assert summary.path == Path("b", "summary.json")
 
 
 def test_micro_model_instantiates_from_config(compose_cfg):
     cfg = compose_cfg()
     module = hydra.utils.instantiate(cfg.model)
     assert set(module.losses) == {"rgb", "depth", "semseg", "norm_rgb"}
-    assert module.num_encoded_tokens == 32
+    assert module.net.masking.num_encoded_tokens == 32
     cfg = compose_cfg("model.net.extra_norm_pix_loss=false")
     assert set(hydra.utils.instantiate(cfg.model).losses) == {"rgb", "depth", "semseg"}
 
@@ -44,8 +231,8 @@ def test_micro_model_instantiates_from_config(compose_cfg):
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("model.num_encoded_tokens=193", "model.num_encoded_tokens"),
-        ("model.num_encoded_tokens=0", "model.num_encoded_tokens"),
+        ("model.net.masking.num_encoded_tokens=193", "model.net.masking.num_encoded_tokens"),
+        ("model.net.masking.num_encoded_tokens=0", "model.net.masking.num_encoded_tokens"),
         ("model.net.patch_size=7", "model.net.patch_size"),
         ("data.modalities=[rgb,normals]", "data.modalities"),
         ("data.crop_scale=[0.5,0.2]", "data.crop_scale"),
@@ -71,9 +258,9 @@ def test_missing_dataset_path_names_the_key(compose_cfg, tmp_path):
 
 
 def test_cli_reports_bad_values_without_a_traceback(tmp_path: Path):
-    proc = run_train(["model.num_encoded_tokens=999"], cwd=tmp_path, check=False)
+    proc = run_train(["model.net.masking.num_encoded_tokens=999"], cwd=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "model.num_encoded_tokens: 999 is outside [1, 192]" in proc.stderr
+    assert "model.net.masking.num_encoded_tokens: 999 is outside [1, 192]" in proc.stderr
     proc = run_train(["model=huge"], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "Could not find 'model/huge'" in proc.stderr and "micro" in proc.stderr
@@ -86,3 +273,12 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path):
     assert "_target_: attent_vision.tasks.pretrain.MultiMAEPretrainModule" in proc.stdout
     assert "size: micro" in proc.stdout
     assert not (tmp_path / "data").exists(), "--cfg job must not generate data"
+
+
+def test_callbacks_none_still_writes_the_summary(tmp_path: Path):
+    """summary.json does not depend on the callbacks group: the report and resume accounting read it."""
+    proc = run_train([*TINY_OVERRIDES, "callbacks=none", "hydra.run.dir=outputs/bare"], cwd=tmp_path)
+    summary = read_summary(tmp_path / "outputs" / "bare")
+    assert summary["status"] == "finished" and summary["optimizer_steps"] == 12
+    assert len(summary["sessions"]) == 1 and summary["initial_val_loss"] > 0
+    assert "run summary (summary.json):" in proc.stdout

@@ -1,4 +1,4 @@
-"""Run-level callbacks: the per-run ``summary.json`` and its printed digest."""
+"""Run-level callbacks: the per-run ``summary.json``, and the callbacks every run gets (:func:`run_callbacks`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -335,3 +336,47 @@ class FinetuneSummary(pl.Callback):
             status = "diverged" if isinstance(exception, FloatingPointError) else "failed"
         self.update(error=f"{type(exception).__name__}: {exception}")
         self.write(trainer, pl_module, status)
+
+
+Summary = TypeVar("Summary", RunSummary, FinetuneSummary)
+
+
+def run_callbacks(
+    configured: Sequence[Any], summary_type: type[Summary], *, output_dir: str, last: Sequence[Any] = ()
+) -> tuple[list[Any], Summary]:
+    """The callbacks a run hands to its Trainer, and its summary callback among them.
+
+    ``train.py`` and ``finetune.py`` always write ``summary.json`` (the report, resume accounting and the tests read
+    it) and always clean up ``ddp_spawn`` process groups, whatever the ``callbacks`` group holds (``callbacks=none``
+    included), so both are added here rather than configured. The order: the summary first (its epoch times then
+    exclude the pictures drawn at epoch end; ``build_trainer`` still puts the stop handler before it), the
+    configured callbacks, ``last`` (the AtteNT teacher), then the process-group cleanup, whose teardown ends
+    distributed communication. A summary or cleanup that a config still lists (configs written before they moved
+    here) is used instead of a second one; further copies are dropped, so nothing runs twice.
+
+    Args:
+        configured: The instantiated ``callbacks`` group.
+        summary_type: ``RunSummary`` (pretraining) or ``FinetuneSummary``.
+        output_dir: Run directory of a new summary.
+        last: Callbacks that go after the configured ones.
+    """
+    summary: Summary | None = None
+    cleanup: SpawnedProcessGroupCleanup | None = None
+    others: list[Any] = []
+    for callback in [*configured, *last]:
+        if isinstance(callback, RunSummary | FinetuneSummary):
+            if summary is None and isinstance(callback, summary_type):
+                summary = callback
+            else:
+                log.warning(
+                    "callbacks: dropped a configured %s; the run's summary.json is written by one %s",
+                    type(callback).__name__,
+                    summary_type.__name__,
+                )
+        elif isinstance(callback, SpawnedProcessGroupCleanup):
+            cleanup = cleanup or callback
+        else:
+            others.append(callback)
+    if summary is None:
+        summary = summary_type(output_dir=output_dir)
+    return [summary, *others, cleanup or SpawnedProcessGroupCleanup()], summary

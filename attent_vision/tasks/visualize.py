@@ -1,7 +1,8 @@
 """Pictures of a fine-tuning run: prediction galleries and the segmentation confusion matrix.
 
 Files go into the run directory (``predictions/epoch_NNN.png``, ``confusion_matrix.png``) and, when such loggers
-are active, to TensorBoard (``add_image`` / ``add_figure``) and W&B (``log_image``).
+are active, to TensorBoard (``add_image``) and W&B (``log_image``). ``log_figure`` / ``log_image`` and the colour
+helpers are shared with the pretraining pictures (``attent_vision.tasks.pretrain_pictures``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from torch import Tensor
 
 from attent_vision.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -28,6 +30,8 @@ __all__ = [
     "colorize_depth",
     "colorize_labels",
     "denormalize_rgb",
+    "log_figure",
+    "log_image",
     "plot_confusion_matrix",
 ]
 
@@ -89,17 +93,32 @@ def _figure_to_array(fig: plt.Figure) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
+def _image_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger | WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger | WandbLogger)]
+
+
+def _send_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int) -> None:
+    for logger in _image_loggers(trainer):
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+        else:
+            logger.log_image(key=key, images=[image], step=step)
+
+
 def log_figure(trainer: pl.Trainer, key: str, fig: plt.Figure, path: Path, step: int) -> None:
     """Saves ``fig`` as PNG and sends it to the active image-capable loggers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    image = _figure_to_array(fig)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
-        elif isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[image], step=step)
+    if _image_loggers(trainer):  # rendering the figure again costs as much as saving it
+        _send_image(trainer, key, _figure_to_array(fig), step)
     plt.close(fig)
+
+
+def log_image(trainer: pl.Trainer, key: str, image: np.ndarray, path: Path, step: int) -> None:
+    """Saves an (H, W, 3) uint8 picture as PNG and sends it to the active image-capable loggers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    _send_image(trainer, key, image, step)
 
 
 def plot_confusion_matrix(confusion: Tensor, class_names: list[str] | None = None) -> plt.Figure:
