@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from attent_vision.tools import report
+from attent_vision.tools.report.table import cell_label
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("rgb", "depth", "semseg", "norm_rgb")
@@ -164,6 +165,18 @@ def test_table_baseline_first_order_relative_times_and_mean_std(sweep: Path) -> 
     assert "ImageNetS50" not in header
     data = report.report_data(rows, [], [sweep])
     assert data["rows"][2]["ratio_to_full_data"]["wall_time_s"] == pytest.approx(0.8)
+
+
+def test_infobatch_ignores_the_schedules_and_is_named_as_such(tmp_path: Path) -> None:
+    root = tmp_path / "multirun"
+    make_job(root, 0, "infobatch", wall=80, samples=15000, val=2.4)
+    make_job(root, 1, "none", wall=100, samples=20000, val=2.5)
+    jobs = [report.load_job(d) for d in report.find_job_dirs([root])]
+    header, *body = table_rows(report.markdown_table(report.build_rows(jobs)))
+    col = {name: i for i, name in enumerate(header)}
+    assert [body[1][col[k]] for k in ("Ratio", "Interval", "Selection")] == ["–", "–", "InfoBatch"]
+    infobatch = next(job for job in jobs if job.settings["selection"] == "infobatch")
+    assert cell_label(infobatch.settings) == "InfoBatch [full]"
 
 
 def test_failed_jobs_listed_and_files_written(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 FULL_DATA = "none"
+NO_SCHEDULE = ("infobatch",)  # strategies that ignore the ratio and interval schedules
 DASH = "–"
 SETTINGS = ("ratio", "interval", "selection", "scoring")
 # The paper's Table 3 order: Random, then Soft, then Hard; within each, Cosine before Incremental ratio and
 # Incremental before Fixed interval. Unknown values go last, alphabetically.
 ORDER = {
-    "selection": ("none", "random", "soft", "hard"),
+    "selection": ("none", "random", "soft", "hard", "infobatch"),
     "ratio": ("cosine", "incremental", "constant"),
     "interval": ("incremental", "fixed"),
     "scoring": ("full", "online"),
@@ -117,7 +118,10 @@ def job_settings(summary: Mapping[str, Any], job_dir: Path) -> dict[str, str]:
             "interval": get("interval", "kind"),
             "scoring": get("scoring", "mode"),
         }
-    return {k: str(raw[k]).lower() if raw[k] is not None else "?" for k in SETTINGS}
+    settings = {k: str(raw[k]).lower() if raw[k] is not None else "?" for k in SETTINGS}
+    if settings["selection"] in NO_SCHEDULE:
+        settings.update(ratio=DASH, interval=DASH)
+    return settings
 
 
 def _log_error(job_dir: Path) -> str | None:

@@ -54,14 +54,19 @@ def _cell(row: Row, key: str, spec: str) -> str:
     return "n/a" if mean is None else _pm(mean, std, spec)
 
 
+LABELS = {"infobatch": "InfoBatch"}
+
+
 def setting_label(value: str) -> str:
-    return value if value in (DASH, "?") else value.capitalize()
+    return value if value in (DASH, "?") else LABELS.get(value, value.capitalize())
 
 
 def cell_label(settings: Mapping[str, str]) -> str:
     if settings["selection"] == FULL_DATA:
         return "full data"
-    text = "/".join(setting_label(settings[k]) for k in ("ratio", "interval", "selection"))
+    text = "/".join(
+        setting_label(settings[k]) for k in ("ratio", "interval", "selection") if settings[k] != DASH
+    )
     return f"{text} [{settings['scoring']}]"
 
 
