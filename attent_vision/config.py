@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 def _auto_precision() -> str:
     # bf16 autocast on GPUs; fp32 on CPUs, where bf16 speed depends on the processor's bf16 support
-    # (bench/pretrain_throughput.py measures it; opt in with trainer.precision=bf16-mixed).
+    # (bench/throughput.py measures it; opt in with trainer.precision=bf16-mixed).
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
