@@ -1,0 +1,303 @@
+"""The paper's Table 3 in miniature: pretraining time (scoring included) against downstream quality, per method.
+
+    python bench/table3.py                      # every row, seeds 0 1 2 (about two hours on 2 CPU cores)
+    python bench/table3.py --quick              # one seed, six rows, shorter runs (under 10 minutes)
+    python bench/table3.py --out outputs/bench/table3 --seeds 0 1 2 3   # resumes there: finished runs are kept
+
+For every row and seed: `python train.py <row overrides> seed=S` with a fixed epoch budget on the embedded data,
+then `python finetune.py task=cls|semseg|depth pretrained=<that run> seed=S`, one after another in this process
+(so rows share the machine's state; quote ratios from one invocation). Two controls come from measured rows:
+
+* ``full, time-matched``: the full-data baseline with fewer epochs (same schedule shape: warm-up scaled alike), as
+  many as fit in the default AtteNT row's pretraining time for the same seed;
+* ``random, same samples``: uniform random subsets at a constant ratio equal to the default AtteNT row's share of
+  the baseline's samples (the AtteNT schedule without any difficulty prior and without its ratio shape).
+
+Writes ``table3.md`` (the table), ``table3.json`` (every run's numbers), ``downstream_vs_time.png`` and
+``val_loss_vs_time.png`` into ``--out``. A run whose summary says finished is never repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {
+    "cls": ("top1", "ImageNet-S50 top-1"),
+    "semseg": ("mIoU", "NYUv2 mIoU"),
+    "depth": ("delta1", "NYUv2 δ1"),
+}
+DEFAULT_ROW = "soft"  # the project's default teacher: the controls are matched to it
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    method: str  # the Table 3 "method" column
+    ratio: str = "–"
+    interval: str = "–"
+    scoring: str = "–"
+    overrides: tuple[str, ...] = ()
+    control: str | None = None  # time_matched | same_samples: overrides come from measured rows
+
+
+INCR = ("ratio=incremental", "interval=incremental")
+ROWS = [
+    Row("full", "full data (baseline)", overrides=("selection=none",)),
+    Row("random", "AtteNT random", "incremental", "incremental", "–", ("selection=random", *INCR)),
+    Row("hard", "AtteNT hard", "incremental", "incremental", "full", ("selection=hard", *INCR)),
+    Row("soft", "AtteNT soft", "incremental", "incremental", "full", ("selection=soft", *INCR)),
+    Row("hard_cos", "AtteNT hard", "cosine", "incremental", "full", ("selection=hard", "ratio=cosine")),
+    Row("soft_cos", "AtteNT soft", "cosine", "incremental", "full", ("selection=soft", "ratio=cosine")),
+    Row("soft_fixed", "AtteNT soft", "incremental", "fixed", "full", ("selection=soft", "interval=fixed")),
+    Row(
+        "soft_cycle",
+        "AtteNT soft",
+        "incremental",
+        "incremental",
+        "full, once per cycle",
+        ("selection=soft", *INCR, "scoring.refresh=cycle"),
+    ),
+    Row(
+        "soft_online",
+        "AtteNT soft",
+        "incremental",
+        "incremental",
+        "online",
+        ("selection=soft", *INCR, "scoring=online"),
+    ),
+    Row("infobatch", "InfoBatch (r=0.5, δ=0.875)", scoring="online", overrides=("selection=infobatch",)),
+    Row("full_time_matched", "full data, time-matched", control="time_matched"),
+    Row("random_same_samples", "random, same samples", "constant", "incremental", control="same_samples"),
+]
+QUICK_ROWS = ["full", "random", "soft", "soft_online", "infobatch", "full_time_matched"]
+
+
+@dataclass
+class Sizes:
+    """The fixed budget of every row (Hydra overrides for train.py and finetune.py)."""
+
+    pretrain: list[str] = field(default_factory=list)
+    finetune: dict[str, list[str]] = field(default_factory=dict)
+    epochs: int = 0
+    warmup_epochs: float = 0.0
+
+
+def sizes_for(quick: bool) -> Sizes:
+    # 5 cycles with intervals 2..4 is the default schedule's shape at a third of its length (15 subset epochs).
+    cycles, interval = (
+        (3, ("interval.initial=2", "interval.max=3"))
+        if quick
+        else (5, ("interval.initial=2", "interval.max=4"))
+    )
+    epochs = 16 if quick else 30
+    pretrain = [
+        f"selection.total_cycles={cycles}",
+        *interval,
+        f"trainer.max_epochs={epochs}",
+        "model.warmup_epochs=2",
+    ]
+    ft_epochs = {"cls": 4, "semseg": 3, "depth": 3} if quick else {"cls": 8, "semseg": 5, "depth": 5}
+    finetune = {task: [f"trainer.max_epochs={n}"] for task, n in ft_epochs.items()}
+    return Sizes(pretrain=pretrain, finetune=finetune, epochs=epochs, warmup_epochs=2.0)  # fmt: skip
+
+
+def run_script(script: str, args: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+    with log.open("w") as out:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / script), *args], env=env, stdout=out, stderr=out, cwd=ROOT
+        )
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        sys.exit(f"{script} {' '.join(args)} failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def finished(run_dir: Path) -> dict | None:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("status") == "finished" else None
+
+
+def control_overrides(row: Row, seed: int, results: dict, sizes: Sizes) -> list[str]:
+    base, default = results.get(("full", seed)), results.get((DEFAULT_ROW, seed))
+    if base is None or default is None:
+        sys.exit(f"row {row.name} needs the rows 'full' and '{DEFAULT_ROW}' for seed {seed} first")
+    if row.control == "time_matched":
+        fraction = default["pretrain_time_s"] / base["pretrain_time_s"]
+        epochs = max(1, round(sizes.epochs * fraction))
+        warmup = sizes.warmup_epochs * epochs / sizes.epochs
+        return ["selection=none", f"trainer.max_epochs={epochs}", f"model.warmup_epochs={warmup:.3f}"]
+    fraction = default["samples_seen"] / base["samples_seen"]
+    return ["selection=random", "ratio=constant", f"ratio.initial={fraction:.4f}"]
+
+
+def run_row(row: Row, seed: int, out: Path, sizes: Sizes, results: dict) -> dict:
+    """Pretrains and fine-tunes one (row, seed), reusing whatever already finished; returns its numbers."""
+    job = out / row.name / f"seed{seed}"
+    job.mkdir(parents=True, exist_ok=True)
+    pretrain_dir = job / "pretrain"
+    overrides = list(row.overrides) if row.control is None else control_overrides(row, seed, results, sizes)
+    summary = finished(pretrain_dir)
+    if summary is None:
+        args = [*sizes.pretrain, *overrides, f"seed={seed}", f"hydra.run.dir={pretrain_dir}", "resume=restart",
+                "trainer.enable_progress_bar=false", "~callbacks.reconstructions", "~callbacks.selection_gallery"]  # fmt: skip
+        run_script("train.py", args, job / "pretrain.log")
+        summary = finished(pretrain_dir) or sys.exit(f"{pretrain_dir}/summary.json does not say finished")
+    result = {
+        "row": row.name,
+        "seed": seed,
+        "overrides": overrides,
+        "pretrain_time_s": summary["wall_time_s"],
+        "scoring_time_s": summary.get("scoring_time_s") or 0.0,
+        "samples_seen": summary["samples_seen"],
+        "final_val_loss": summary["final_val_loss"],
+        "pretrain_dir": str(pretrain_dir),
+    }
+    for task, (metric, _) in TASKS.items():
+        ft_dir = job / f"ft_{task}"
+        ft = finished(ft_dir)
+        if ft is None:
+            args = [f"task={task}", f"pretrained={pretrain_dir}", f"seed={seed}", *sizes.finetune[task],
+                    f"hydra.run.dir={ft_dir}", "write_downstream=false", "trainer.enable_progress_bar=false"]  # fmt: skip
+            run_script("finetune.py", args, job / f"ft_{task}.log")
+            ft = finished(ft_dir) or sys.exit(f"{ft_dir}/summary.json does not say finished")
+        result[metric] = ft["metrics"]["final"][metric]
+        result[f"{task}_time_s"] = ft["wall_time_s"]
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def pm(values: list[float], spec: str) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
+
+
+def summarise(rows: list[Row], seeds: list[int], results: dict) -> tuple[str, list[dict]]:
+    base = [results[("full", s)] for s in seeds if ("full", s) in results]
+    base_time = statistics.fmean(r["pretrain_time_s"] for r in base) if base else None
+    base_samples = statistics.fmean(r["samples_seen"] for r in base) if base else None
+    lines = [
+        "| method | ratio | interval | scoring | pretraining time (s) | × baseline | samples | scoring (s) | "
+        "val loss | top-1 (%) | mIoU (%) | δ1 (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    aggregated = []
+    for row in rows:
+        runs = [results[(row.name, s)] for s in seeds if (row.name, s) in results]
+        if not runs:
+            continue
+        col = {key: [r[key] for r in runs] for key in runs[0] if isinstance(runs[0][key], (int, float))}
+        ratio = (
+            pm([t / base_time for t in col["pretrain_time_s"]], ".3f") if base_time else "–"
+        )  # per-seed times over the mean baseline time: the spread shows the timing noise
+        samples = statistics.fmean(col["samples_seen"])
+        sample_text = f"{samples:.0f}" + (f" ({samples / base_samples:.3f}×)" if base_samples else "")
+        lines.append(
+            f"| {row.method} | {row.ratio} | {row.interval} | {row.scoring} | {pm(col['pretrain_time_s'], '.1f')} | "
+            f"{ratio} | {sample_text} | {pm(col['scoring_time_s'], '.1f')} | {pm(col['final_val_loss'], '.4f')} | "
+            f"{pm(col['top1'], '.2f')} | {pm(col['mIoU'], '.2f')} | {pm(col['delta1'], '.2f')} |"
+        )
+        aggregated.append({"row": row.name, "method": row.method, "seeds": len(runs),
+                           **{k: mean_std(v) for k, v in col.items() if k != "seed"}})  # fmt: skip
+    return "\n".join(lines), aggregated
+
+
+def plot(rows: list[Row], aggregated: list[dict], results: dict, seeds: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attent_vision.tools.report.collect import load_job, loss_curve
+
+    methods = {row.name: f"{row.method} ({row.ratio}/{row.interval}, {row.scoring})" for row in rows}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (metric, label) in zip(axes, TASKS.values(), strict=True):
+        for agg in aggregated:
+            (x, xerr), (y, yerr) = agg["pretrain_time_s"], agg[metric]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=methods[agg["row"]])
+        ax.set(xlabel="pretraining wall time, scoring included (s)", ylabel=f"{label} (%)", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / "downstream_vs_time.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        run = results.get((row.name, seeds[0]))
+        if run is None:
+            continue
+        times, losses = loss_curve(load_job(Path(run["pretrain_dir"])))
+        ax.plot(times, losses, marker=".", label=methods[row.name])
+    ax.set(
+        xlabel="elapsed pretraining time (s)",
+        ylabel="validation loss",
+        title=f"validation loss (seed {seeds[0]})",
+    )
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss_vs_time.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--quick", action="store_true", help="one seed, six rows, a shorter budget")
+    parser.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS], help="a subset of the rows")
+    parser.add_argument("--out", type=Path, help="default: outputs/bench/table3[_quick]")
+    args = parser.parse_args()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    names = args.rows or (QUICK_ROWS if args.quick else [r.name for r in ROWS])
+    rows = [r for r in ROWS if r.name in names]
+    out = args.out or ROOT / "outputs" / "bench" / ("table3_quick" if args.quick else "table3")
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = sizes_for(args.quick)
+    results: dict[tuple[str, int], dict] = {}
+    start = time.perf_counter()
+    # Seed-major: an interrupted benchmark has whole seeds done; controls run after the rows they match.
+    for seed in seeds:
+        for row in sorted(rows, key=lambda r: r.control is not None):
+            t0 = time.perf_counter()
+            results[(row.name, seed)] = run_row(row, seed, out, sizes, results)
+            print(
+                json.dumps({**results[(row.name, seed)], "bench_s": round(time.perf_counter() - t0, 1)}),
+                flush=True,
+            )
+    table, aggregated = summarise(rows, seeds, results)
+    header = (
+        f"Table 3 miniature, seeds {seeds}, {'--quick' if args.quick else 'full'} budget: pretraining "
+        f"{' '.join(sizes.pretrain)}; fine-tuning {json.dumps(sizes.finetune)}. Mean ± std over seeds; "
+        f"× baseline = each seed's time over the mean full-data time. Benchmark took {time.perf_counter() - start:.0f} s."
+    )
+    (out / "table3.md").write_text(f"{header}\n\n{table}\n")
+    (out / "table3.json").write_text(
+        json.dumps({"runs": list(results.values()), "aggregated": aggregated}, indent=1)
+    )
+    plot(rows, aggregated, results, seeds, out)
+    print(
+        f"\n{header}\n\n{table}\n\nwrote {out}/table3.md, table3.json, downstream_vs_time.png, val_loss_vs_time.png"
+    )
+
+
+if __name__ == "__main__":
+    main()
