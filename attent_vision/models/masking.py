@@ -7,7 +7,7 @@ AtteNT fork's variant, which resolves it towards low indices). The encoder alway
 ``num_encoded_tokens``. :class:`MaskingConfig` holds these settings; a MultiMAE owns one.
 
 Randomness comes, in order of precedence, from per-sample seeds (``mask_seeds``: sample b's mask is a pure
-function of ``mask_seeds[b]``), an explicit ``generator``, or torch's global RNG (same draw order as the
+function of ``mask_seeds[b]``, drawn by counter-based hashing on the batch's device), an explicit ``generator``, or torch's global RNG (same draw order as the
 reference). Masks use 1 = masked, 0 = visible.
 """
 
@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from attent_vision.models import counter_rng
 
 __all__ = [
     "MaskingConfig",
@@ -176,11 +178,74 @@ def _draw_keep_order(
     return torch.argsort(mask_all, dim=1, stable=True)  # AtteNT fork: visible tokens in index order
 
 
+# Purposes of a sample's counter-based draws (attent_vision.models.counter_rng).
+_SUBSET, _SHARES, _TOKEN_RANK, _TIE_BREAK = 1, 2, 3, 4
+
+
+def _draw_keep_order_seeded(
+    num_tokens: Sequence[int],
+    seeds: Tensor,
+    num_encoded_tokens: int,
+    *,
+    alphas: Alphas,
+    sample_tasks_uniformly: bool,
+    tie_break_noise: bool,
+) -> Tensor:
+    """Like :func:`_draw_keep_order`, every draw of sample b hashed from ``seeds[b]`` on ``seeds``' device;
+    returns ids_keep [B, num_encoded_tokens] (visible before masked, ties by noise)."""
+    batch_size, num_tasks = seeds.shape[0], len(num_tokens)
+    device = seeds.device
+    alpha = expand_alphas(alphas, num_tasks).to(device).double().expand(batch_size, num_tasks)  # [B, T]
+    if sample_tasks_uniformly:
+        subsets = torch.tensor(list(itertools.product([0.0, 1.0], repeat=num_tasks))[1:], device=device)
+        bits = counter_rng.random_bits(seeds, _SUBSET, torch.zeros(1, dtype=torch.long))[:, 0]  # [B]
+        alpha = subsets[bits % len(subsets)].double() * alpha + 1e-5  # [B, T]
+    draws = counter_rng.gamma(alpha, seeds, _SHARES)  # [B, T]
+    shares = (draws / draws.sum(dim=1, keepdim=True)).float()
+    samples_per_task = (shares * num_encoded_tokens).round().long()  # [B, T]
+
+    offsets = torch.tensor([0, *itertools.accumulate(num_tokens)], device=device)
+    task_masks = []
+    for t, n in enumerate(num_tokens):
+        # argsort of n random 63-bit keys is a uniform permutation, as argsort of uniform noise is.
+        keys = counter_rng.random_bits(seeds, _TOKEN_RANK, offsets[t] + torch.arange(n, device=device))
+        rank = torch.argsort(keys, dim=1)  # [B, N_t]
+        task_masks.append((rank >= samples_per_task[:, t : t + 1]).long())
+    mask_all = torch.cat(task_masks, dim=1)  # [B, N_total]
+    # The rounding surplus or deficit is resolved by ranking visible before masked tokens, then by noise (or by
+    # index for the fork's variant); only the first num_encoded_tokens are needed: a top-k, not a full sort.
+    order = torch.arange(mask_all.shape[1], device=device).expand_as(mask_all)
+    if tie_break_noise:
+        order = (
+            counter_rng.random_bits(seeds, _TIE_BREAK, order[0]) >> 2
+        )  # 61 bits below the mask bit at 2^62
+    ids_keep = torch.topk(mask_all * (1 << 62) + order, num_encoded_tokens, dim=1, largest=False).indices
+    return ids_keep  # [B, num_encoded]
+
+
+def _masks_from_keep(ids_keep: Tensor, task_names: Sequence[str], num_tokens: Sequence[int]) -> TokenMasks:
+    """TokenMasks whose shuffle puts ``ids_keep`` first and the masked tokens after them in index order, built by
+    scatters and a cumulative sum (no sort over the whole sequence)."""
+    batch_size, num_keep = ids_keep.shape
+    device = ids_keep.device
+    visible = torch.zeros(batch_size, sum(num_tokens), dtype=torch.bool, device=device)
+    visible.scatter_(1, ids_keep, True)  # [B, N_total]
+    keep_position = torch.zeros(visible.shape, dtype=torch.long, device=device)
+    keep_position.scatter_(1, ids_keep, torch.arange(num_keep, device=device).expand_as(ids_keep))
+    masked_position = num_keep + torch.cumsum(~visible, dim=1) - 1
+    ids_restore = torch.where(visible, keep_position, masked_position)  # [B, N_total]
+    mask_all = (~visible).long()
+    task_masks = dict(zip(task_names, torch.split(mask_all, list(num_tokens), dim=1), strict=True))
+    return TokenMasks(task_masks, ids_keep, ids_restore)
+
+
 def _finalise(
     ids_shuffle: Tensor, num_encoded_tokens: int, task_names: Sequence[str], num_tokens: Sequence[int]
 ):
     """Keeps the first ``num_encoded_tokens`` of ids_shuffle and rebuilds the binary task masks."""
-    ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, N_total]
+    # The inverse permutation by a scatter: O(N) where an argsort is O(N log N) (the largest cost of a mask).
+    positions = torch.arange(ids_shuffle.shape[1], device=ids_shuffle.device).expand_as(ids_shuffle)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)  # [B, N_total]
     ids_keep = ids_shuffle[:, :num_encoded_tokens]  # [B, num_encoded]
     mask_all = torch.ones_like(ids_shuffle)
     mask_all[:, :num_encoded_tokens] = 0
@@ -211,8 +276,9 @@ def generate_random_masks(
         sample_tasks_uniformly: Pick a random non-empty task subset first (see ``sample_task_shares``).
         tie_break_noise: Resolve the rounding surplus/deficit at random (the MultiMAE reference); False keeps
             visible tokens in index order (the AtteNT fork, a small positional bias).
-        mask_seeds: Optional int64 (B,) seeds; sample b then draws everything from a CPU generator seeded with
-            ``mask_seeds[b]``, independent of the rest of the batch. Takes precedence over ``generator``.
+        mask_seeds: Optional int64 (B,) seeds; every draw of sample b is then hashed from ``mask_seeds[b]``
+            (counter-based, vectorised on ``device``: no per-sample generator), independent of the rest of the
+            batch and of the device. Takes precedence over ``generator``.
         generator: Optional generator for the whole batch; None uses the global RNG.
         device: Device of the returned tensors.
 
@@ -235,19 +301,11 @@ def generate_random_masks(
         tie_break_noise=tie_break_noise,
     )
     if mask_seeds is not None:
-        seeds = torch.as_tensor(mask_seeds).reshape(-1).tolist()
+        seeds = torch.as_tensor(mask_seeds).reshape(-1).long()
         if len(seeds) != batch_size:
             raise ValueError(f"mask_seeds has {len(seeds)} entries for a batch of {batch_size}")
-        ids_shuffle = torch.cat(
-            [
-                _draw_keep_order(
-                    counts, 1, generator=torch.Generator().manual_seed(int(s)), device=None, **kwargs
-                )
-                for s in seeds
-            ]
-        )
-        if device is not None:
-            ids_shuffle = ids_shuffle.to(device)
+        ids_keep = _draw_keep_order_seeded(counts, seeds.to(device or seeds.device), **kwargs)
+        return _masks_from_keep(ids_keep, names, counts)
     else:
         ids_shuffle = _draw_keep_order(counts, batch_size, generator=generator, device=device, **kwargs)
     return _finalise(ids_shuffle, num_encoded_tokens, names, counts)
