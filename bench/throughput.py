@@ -89,10 +89,10 @@ def measure_model(row: dict, steps: int, warmup: int) -> dict:
     batch_size = row["batch"] * (4 if kind == "score" else 1)  # the scorer's default batch is 4x
     row["batch"] = batch_size
     batch = make_batch(batch_size, row["image_size"], cfg.data.num_classes, cfg.data.semseg_stride, device)
-    if row.get("attn") == "math":  # timm's explicit softmax(q k^T) v instead of scaled_dot_product_attention
-        for layer in module.modules():
-            if hasattr(layer, "fused_attn"):
-                layer.fused_attn = False
+    from attent_vision.models.attention import set_fused_attention
+
+    # "math": the explicit softmax(q k^T) v of timm's Attention and our CrossAttention instead of fused SDPA
+    set_fused_attention(module, row.get("attn", "fused") == "fused")
     if row["compile"] == "compile":
         module.net.compile()
     autocast = torch.autocast(device, dtype=torch.bfloat16) if row["precision"] == "bf16" else nullcontext()

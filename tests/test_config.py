@@ -16,6 +16,7 @@ from attent_vision.tasks.callbacks import (
     FinetuneSummary,
     RunSummary,
     SpawnedProcessGroupCleanup,
+    ValidateLastEpoch,
     run_callbacks,
 )
 from tests.conftest import CONF_DIR, TINY_OVERRIDES, read_summary, run_train
@@ -210,12 +211,12 @@ def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
         assert summary.path == Path(cfg.paths.output_dir) / "summary.json"
         assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in callbacks) == 1
         # the summary first (its epoch times close before the pictures draw), the teacher after the configured ones
-        assert callbacks[0] is summary and callbacks[-2] is teacher
+        assert callbacks[0] is summary and callbacks[-3] is teacher
         assert isinstance(callbacks[-1], SpawnedProcessGroupCleanup)
     callbacks, summary = run_callbacks(
         [RunSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
     )
-    assert [type(cb) for cb in callbacks] == [FinetuneSummary, SpawnedProcessGroupCleanup]
+    assert [type(cb) for cb in callbacks] == [FinetuneSummary, ValidateLastEpoch, SpawnedProcessGroupCleanup]
     assert summary.path == Path("b", "summary.json")
 
 
@@ -282,3 +283,15 @@ def test_callbacks_none_still_writes_the_summary(tmp_path: Path):
     assert summary["status"] == "finished" and summary["optimizer_steps"] == 12
     assert len(summary["sessions"]) == 1 and summary["initial_val_loss"] > 0
     assert "run summary (summary.json):" in proc.stdout
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from attent_vision.config import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert cpu_has_native_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16(
+        "flags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    )  # AVX2/AVX-512 only: emulated
+    assert not cpu_has_native_bf16("model name\t: bf16 in a name is not a flag\n")

@@ -64,3 +64,19 @@ def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(tmp_pa
     assert summary["restarts"] == 1 and len(summary["sessions"]) == 2
     # no second pre-fit validation on resume: the first session's value stands
     assert summary["initial_val_loss"] == first["initial_val_loss"]
+
+
+def test_validating_every_k_epochs_still_validates_the_last_epoch(tmp_path):
+    run_train(
+        [
+            *TINY_OVERRIDES,
+            "hydra.run.dir=outputs/sparse",
+            "trainer.max_epochs=4",
+            "trainer.check_val_every_n_epoch=3",
+        ],
+        cwd=tmp_path,
+    )
+    summary = read_summary(tmp_path / "outputs" / "sparse")
+    validated = [h["epoch"] for h in summary["history"] if h.get("val_loss") is not None]
+    assert validated == [2, 3]  # epoch 3 is not divisible by the period: validated because it is the last
+    assert summary["final_val_loss"] == summary["history"][-1]["val_loss"]

@@ -42,7 +42,10 @@ class InputInfo:
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention with separate ``q`` and fused ``kv`` projections (SDPA kernel).
+    """Multi-head cross-attention with separate ``q`` and fused ``kv`` projections.
+
+    ``fused_attn`` picks PyTorch's fused SDPA kernel or the explicit softmax(q kᵀ/√d) v, as timm's Attention does
+    (``attent_vision.models.attention`` sets it per device and precision).
 
     Args:
         dim: Token width.
@@ -70,12 +73,18 @@ class CrossAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = True
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """Attends queries x [B, N, D] to context [B, M, D]; returns [B, N, D]."""
         q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.num_heads)  # [B, H, N, E]
         k, v = rearrange(self.kv(context), "b m (two h e) -> two b h m e", two=2, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout = self.attn_drop if self.training else 0.0
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, M]
+            x = F.dropout(attn.softmax(dim=-1), dropout, self.training) @ v
         x = rearrange(x, "b h n e -> b n (h e)")  # [B, N, D]
         return self.proj_drop(self.proj(x))
 

@@ -203,6 +203,16 @@ class RunSummary(pl.Callback):
         self.write(trainer, pl_module, status)
 
 
+class ValidateLastEpoch(pl.Callback):
+    """Validates the last epoch whatever ``trainer.check_val_every_n_epoch`` is, so that a run validating every k
+    epochs (a fixed cost cut, docs/benchmarks.md) still ends with its final validation loss and metrics; Lightning
+    itself validates only the epochs divisible by k."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+
 class SpawnedProcessGroupCleanup(pl.Callback):
     """Destroys the process group at the end of a ``ddp_spawn`` worker.
 
@@ -350,7 +360,8 @@ def run_callbacks(
     it) and always clean up ``ddp_spawn`` process groups, whatever the ``callbacks`` group holds (``callbacks=none``
     included), so both are added here rather than configured. The order: the summary first (its epoch times then
     exclude the pictures drawn at epoch end; ``build_trainer`` still puts the stop handler before it), the
-    configured callbacks, ``last`` (the AtteNT teacher), then the process-group cleanup, whose teardown ends
+    configured callbacks, ``last`` (the AtteNT teacher), the last-epoch validation, then the process-group cleanup,
+    whose teardown ends
     distributed communication. A summary or cleanup that a config still lists (configs written before they moved
     here) is used instead of a second one; further copies are dropped, so nothing runs twice.
 
@@ -379,4 +390,4 @@ def run_callbacks(
             others.append(callback)
     if summary is None:
         summary = summary_type(output_dir=output_dir)
-    return [summary, *others, cleanup or SpawnedProcessGroupCleanup()], summary
+    return [summary, *others, ValidateLastEpoch(), cleanup or SpawnedProcessGroupCleanup()], summary

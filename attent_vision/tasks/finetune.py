@@ -22,6 +22,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
+from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
 from attent_vision.models.losses import truncated_depth_standardize
 from attent_vision.tasks.lr_schedule import warmup_cosine_lr
 from attent_vision.tasks.metrics import (
@@ -66,6 +67,8 @@ class FinetuneModule(pl.LightningModule, ABC):
         layer_decay: Layer-wise LR decay (None or 1.0 disables it).
         warmup_epochs: Linear warmup in epochs.
         min_lr: Learning rate at the last step.
+        attention: Attention kernel: "auto" (per device and precision, ``attent_vision.models.attention``),
+            "fused" (SDPA) or "math" (explicit softmax).
     """
 
     main_metric: str = ""
@@ -85,9 +88,12 @@ class FinetuneModule(pl.LightningModule, ABC):
         layer_decay: float | None = 0.65,
         warmup_epochs: float = 5.0,
         min_lr: float = 1e-6,
+        attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"], logger=False)
+        use_fused_attention(attention, device_type="cpu", precision="32-true")  # rejects a bad value now
+        self.attention = attention
         self.net = net
         if task not in (net.output_adapters or {}):
             raise ValueError(
@@ -119,6 +125,11 @@ class FinetuneModule(pl.LightningModule, ABC):
     @abstractmethod
     def target(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The evaluation target of a batch."""
+
+    def on_fit_start(self) -> None:
+        configure_attention(
+            self.net, self.attention, device_type=self.device.type, precision=self.trainer.precision
+        )
 
     def setup(self, stage: str) -> None:
         if not hasattr(self, "val_metrics"):

@@ -13,6 +13,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from attent_vision.data.modalities import MODALITIES, NORM_PIX_TASK, loss_target
+from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
 from attent_vision.models.losses import SampleLoss, default_loss, reduce_batch, truncated_depth_standardize
 from attent_vision.seeds import item_seeds
 from attent_vision.selection.resizing import StepRemap
@@ -54,6 +55,8 @@ class MultiMAEPretrainModule(pl.LightningModule):
         standardize_depth: Truncated per-sample depth standardisation (input and target).
         loss_on_unmasked: Compute the losses on every patch instead of the masked ones only.
         compile: ``torch.compile`` the network in place.
+        attention: Attention kernel: "auto" (per device and precision, ``attent_vision.models.attention``),
+            "fused" (SDPA) or "math" (explicit softmax).
         mask_seed: Training masks of sample i in epoch e come from the ``train_mask`` seed stream keyed by
             (mask_seed, e, i) (``attent_vision.seeds``): they vary across epochs and samples, differ from the
             sample's augmentation seed, and do not depend on the global RNG (so a resumed run, and any number of
@@ -77,6 +80,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
         standardize_depth: bool = True,
         loss_on_unmasked: bool = False,
         compile: bool = False,
+        attention: AttentionPath = "auto",
         mask_seed: int = 0,
         val_mask_seed: int = 1_000_003,
     ) -> None:
@@ -93,6 +97,8 @@ class MultiMAEPretrainModule(pl.LightningModule):
         self.standardize_depth = standardize_depth
         self.loss_on_unmasked = loss_on_unmasked
         self.compile_net = compile
+        self.attention = attention
+        use_fused_attention(attention, device_type="cpu", precision="32-true")  # rejects a bad value now
         self.mask_seed = mask_seed
         self.val_mask_seed = val_mask_seed
         # The exact optimizer-step count of the run; the AtteNT teacher sets it from its plan. When None,
@@ -246,6 +252,11 @@ class MultiMAEPretrainModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------------------
     # optimisation
+
+    def on_fit_start(self) -> None:
+        configure_attention(
+            self.net, self.attention, device_type=self.device.type, precision=self.trainer.precision
+        )
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.compile_net:
