@@ -255,6 +255,40 @@ def summarise(rows: list[Row], seeds: list[int], results: dict) -> tuple[str, li
     return "\n".join(lines), aggregated
 
 
+def verdict(rows: list[Row], aggregated: list[dict]) -> str:
+    """The rule for the default (issue 9): the fastest teacher setting whose three downstream metrics are all within
+    one standard deviation of the full-data baseline (over seeds) or better."""
+    by_row = {agg["row"]: agg for agg in aggregated}
+    base = by_row.get("full")
+    if base is None or base["seeds"] < 2:
+        return "(needs the full-data row with at least two seeds)"
+    lines = []
+    passing = []
+    for row in rows:
+        agg = by_row.get(row.name)
+        if agg is None or row.name == "full":
+            continue
+        gaps = {}
+        for metric, _ in TASKS.values():
+            (mean, _), (base_mean, base_std) = agg[metric], base[metric]
+            gaps[metric] = (mean - base_mean) / base_std if base_std else float("nan")
+        ratio = agg["pretrain_time_s"][0] / base["pretrain_time_s"][0]
+        ok = all(gap >= -1 for gap in gaps.values())
+        if ok and row.control is None:
+            passing.append((ratio, row.name))
+        deltas = ", ".join(f"{metric} {gap:+.2f} std" for metric, gap in gaps.items())
+        lines.append(
+            f"- {row.name}: {ratio:.3f}× the baseline's time; {deltas} -> {'meets' if ok else 'misses'}"
+        )
+    best = min(passing) if passing else None
+    lines.append(
+        f"\nfastest teacher setting meeting the rule: {best[1]} ({best[0]:.3f}×)"
+        if best
+        else "\nno setting meets the rule"
+    )
+    return "\n".join(lines)
+
+
 def plot(rows: list[Row], aggregated: list[dict], results: dict, seeds: list[int], out: Path) -> None:
     import matplotlib
 
@@ -377,13 +411,16 @@ def main() -> None:
         f"{' '.join(sizes.pretrain)}; fine-tuning {json.dumps(sizes.finetune)}. Mean ± std over seeds; "
         f"× baseline = each seed's time over the mean full-data time. Benchmark took {time.perf_counter() - start:.0f} s."
     )
-    (out / "table3.md").write_text(f"{header}\n\n{table}\n")
+    rule = verdict(rows, aggregated)
+    (out / "table3.md").write_text(
+        f"{header}\n\n{table}\n\nDownstream metrics against the baseline's spread:\n{rule}\n"
+    )
     (out / "table3.json").write_text(
         json.dumps({"runs": list(results.values()), "aggregated": aggregated}, indent=1)
     )
     plot(rows, aggregated, results, seeds, out)
     print(
-        f"\n{header}\n\n{table}\n\nwrote {out}/table3.md, table3.json, downstream_vs_time.png, val_loss_vs_time.png"
+        f"\n{header}\n\n{table}\n\n{rule}\n\nwrote {out}/table3.md, table3.json, downstream_vs_time.png, val_loss_vs_time.png"
     )
 
 

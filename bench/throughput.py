@@ -10,7 +10,8 @@ Rows (each measured in its own subprocess, so peak memory and compile caches do 
   `python train.py model=<size>` builds it), per-sample training masks drawn as in training, on random inputs of
   the real shapes; fp32 or bf16 autocast, eager or ``torch.compile``.
 * ``score``: the teacher's scoring pass step (forward only, no grad, score masks seeded by index) at 4x the batch.
-* ``masks``: drawing one training batch's per-sample masks alone (the part of a step that is not the network).
+* ``masks``: drawing one training batch's per-sample masks alone (the part of a step that is not the network),
+  counter-hashed on the device; ``masks_loop``: the same batch the earlier way, a CPU generator per sample.
 * ``loader``: the default data loader alone (embedded data, its workers and transforms), images/s over an epoch.
 
 Peak memory is the process's peak resident set on CPU (model, optimizer, activations and the Python/torch
@@ -129,7 +130,24 @@ def measure_model(row: dict, steps: int, warmup: int) -> dict:
         )
         sync(device)
 
-    step = {"train": train_step, "score": score_step, "masks": mask_step}[kind]
+    def mask_loop_step() -> None:  # the earlier way, for comparison: one CPU generator per sample, in a loop
+        masking = module.net.masking
+        seeds = item_seeds("train_mask", 0, 0, index=batch["index"]).tolist()
+        keep = [
+            generate_random_masks(
+                num_tokens,
+                batch_size=1,
+                num_encoded_tokens=masking.num_encoded_tokens,
+                alphas=masking.alphas,
+                tie_break_noise=masking.tie_break_noise,
+                generator=torch.Generator().manual_seed(seed),
+            ).ids_keep
+            for seed in seeds
+        ]
+        torch.cat(keep).to(device)
+        sync(device)
+
+    step = {"train": train_step, "score": score_step, "masks": mask_step, "masks_loop": mask_loop_step}[kind]
     module.train(kind == "train")
     start = time.perf_counter()
     for _ in range(warmup):
@@ -218,6 +236,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
             size, image, batch = spec.split(":")
             base = {"device": device, "model": size, "image_size": int(image), "batch": int(batch)}
             rows.append({**base, "kind": "masks", "precision": "-", "compile": "eager"})
+            rows.append({**base, "kind": "masks_loop", "precision": "-", "compile": "eager"})
     if "cpu" in devices:
         rows.append({"device": "cpu", "model": "-", "kind": "loader", "precision": "-", "compile": "-"})
     return rows
