@@ -330,11 +330,26 @@ def plot(rows: list[Row], aggregated: list[dict], results: dict, seeds: list[int
     plt.close(fig)
 
 
-def run_all(rows: list[Row], seeds: list[int], out: Path, sizes: Sizes, jobs: int, threads: int) -> dict:
-    """Runs every (row, seed), ``jobs`` at a time; a control starts once the rows it is matched to finished.
+def prepare_data(sizes: Sizes) -> None:
+    """Writes the embedded pretraining and downstream sets first, through the data modules' own prepare_data: runs
+    side by side would otherwise race to write them, and no run's time should include writing them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
-    The first run goes alone: its fine-tunes write the embedded downstream sets, which parallel runs would race on.
-    """
+    import attent_vision.config  # noqa: F401  (registers the config resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        configs = [compose("train", overrides=[*sizes.pretrain, f"paths.root_dir={ROOT}"])]
+        configs += [
+            compose("finetune", overrides=[f"task={t}", *sizes.finetune[t], f"paths.root_dir={ROOT}"])
+            for t in TASKS
+        ]
+    for cfg in configs:
+        instantiate(cfg.data).prepare_data()
+
+
+def run_all(rows: list[Row], seeds: list[int], out: Path, sizes: Sizes, jobs: int, threads: int) -> dict:
+    """Runs every (row, seed), ``jobs`` at a time; a control starts once the rows it is matched to finished."""
     first = [DEFAULT_ROW, "full"]  # the controls' inputs first, so that they can start early
     order = sorted(
         rows,
@@ -361,9 +376,8 @@ def run_all(rows: list[Row], seeds: list[int], out: Path, sizes: Sizes, jobs: in
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running: set = set()
         while pending or running:
-            limit = 1 if not results else jobs
             for item in [p for p in pending if ready(*p)]:
-                if len(running) >= limit:
+                if len(running) >= jobs:
                     break
                 pending.remove(item)
                 running.add(pool.submit(run, *item))
@@ -403,6 +417,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sizes = sizes_for(args.quick, out)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    prepare_data(sizes)
     start = time.perf_counter()
     results = run_all(rows, seeds, out, sizes, args.jobs, threads)
     table, aggregated = summarise(rows, seeds, results)

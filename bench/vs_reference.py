@@ -134,9 +134,15 @@ def build_reference(ref: types.SimpleNamespace, geometry: dict[str, Any]) -> nn.
     """The reference pretraining MultiMAE with our geometry, as ``pretrain_multimae_base`` and the reference's
     ``get_model`` build it (sincos positional embeddings, task queries, cross-attention decoders with the input
     domains as context, an extra ``norm_rgb`` decoder on rgb queries), the encoder dims set explicitly."""
+    with warnings.catch_warnings():
+        # torch.meshgrid's indexing warning, from the reference's sincos tables
+        warnings.simplefilter("ignore")
+        return _reference_model(ref, geometry)
+
+
+def _reference_model(ref: types.SimpleNamespace, g: dict[str, Any]) -> nn.Module:
     from attent_vision.data.modalities import MODALITIES, NORM_PIX_TASK
 
-    g = geometry
     common = dict(patch_size_full=g["patch_size"], image_size=g["image_size"])
     inputs = {}
     for domain in g["in_domains"]:
@@ -170,20 +176,18 @@ def build_reference(ref: types.SimpleNamespace, geometry: dict[str, Any]) -> nn.
     outputs = {domain: decoder(domain) for domain in g["out_domains"]}
     if NORM_PIX_TASK in g["output_tasks"]:
         outputs[NORM_PIX_TASK] = decoder("rgb")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.meshgrid's indexing warning from the reference's sincos table
-        return ref.MultiMAE(
-            input_adapters=inputs,
-            output_adapters=outputs,
-            num_global_tokens=g["num_global_tokens"],
-            dim_tokens=g["dim"],
-            depth=g["depth"],
-            num_heads=g["num_heads"],
-            mlp_ratio=4,
-            qkv_bias=True,
-            drop_path_rate=g["drop_path_rate"],
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        )
+    return ref.MultiMAE(
+        input_adapters=inputs,
+        output_adapters=outputs,
+        num_global_tokens=g["num_global_tokens"],
+        dim_tokens=g["dim"],
+        depth=g["depth"],
+        num_heads=g["num_heads"],
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_path_rate=g["drop_path_rate"],
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
 
 
 def reference_losses(ref: types.SimpleNamespace, geometry: dict[str, Any]) -> dict[str, nn.Module]:
@@ -307,7 +311,7 @@ def reference_step(
     in_domains = geometry["in_domains"]
 
     def step(batch: dict[str, Tensor], masks: Any = None) -> Tensor:
-        tasks = {task: batch[task] for task in in_domains}
+        tasks = {task: tensor for task, tensor in batch.items() if task != "index"}
         if "depth" in tasks:
             tasks["depth"] = reference_depth_standardize(tasks["depth"])
         inputs = {task: tensor for task, tensor in tasks.items() if task in in_domains}
