@@ -306,11 +306,16 @@ def plot(rows: list[Row], aggregated: list[dict], results: dict, seeds: list[int
     from attent_vision.tools.report.collect import load_job, loss_curve
 
     methods = {row.name: f"{row.method} ({row.ratio}/{row.interval}, {row.scoring})" for row in rows}
+    # One colour and marker per row (tab10 alone repeats after ten rows); controls dashed in the loss plot.
+    colours = {row.name: plt.get_cmap("tab20")(i % 20) for i, row in enumerate(rows)}
+    markers = {row.name: "osD^v<>ph*XP"[i % 12] for i, row in enumerate(rows)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (metric, label) in zip(axes, TASKS.values(), strict=True):
         for agg in aggregated:
             (x, xerr), (y, yerr) = agg["pretrain_time_s"], agg[metric]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=methods[agg["row"]])
+            name = agg["row"]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[name], color=colours[name], capsize=3,
+                        label=methods[name])  # fmt: skip
         ax.set(xlabel="pretraining wall time, scoring included (s)", ylabel=f"{label} (%)", title=label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, loc="best")
@@ -324,7 +329,8 @@ def plot(rows: list[Row], aggregated: list[dict], results: dict, seeds: list[int
         if run is None:
             continue
         times, losses = loss_curve(load_job(Path(run["pretrain_dir"])))
-        ax.plot(times, losses, marker=".", label=methods[row.name])
+        style = "--" if row.control else "-"
+        ax.plot(times, losses, style, marker=".", color=colours[row.name], label=methods[row.name])
     ax.set(
         xlabel="elapsed pretraining time (s)",
         ylabel="validation loss",
