@@ -1,9 +1,9 @@
 """Which attention kernel the transformer blocks use: PyTorch's fused ``scaled_dot_product_attention`` or the
 explicit ``softmax(q kᵀ / √d) v`` (timm's ``fused_attn = False`` path). Both compute the same function.
 
-The faster one depends on the device and the precision. bench/throughput.py measures both (``--attn fused
-math``); :data:`CPU_FUSED` records the choice it supports on CPUs, and GPUs always use the fused kernel
-(flash / memory-efficient attention).
+The faster one depends on the device and the precision. bench/throughput.py (``--attn fused math``) and
+bench/vs_reference.py measure both; :data:`CPU_FUSED` records the choice for CPUs, and GPUs always use the fused
+kernel (flash / memory-efficient attention).
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 
 AttentionPath = Literal["auto", "fused", "math"]
 
-# Measured on the 2-core AMD EPYC of docs/benchmarks.md (bench/throughput.py, micro at 64 px, batch 32, eager):
-# fused SDPA is the faster kernel in fp32; under bf16 autocast the CPU SDPA kernel is the slower one.
+# fp32: fused, as fast as the explicit kernel or faster (docs/benchmarks.md, bench/vs_reference.py on a 2-core AMD
+# EPYC: 545 vs 544 ms/step). bf16: the explicit kernel — bf16 autocast is the CPU default only where the CPU has
+# native bf16, and there the fused kernel measured 0.63x the reference step against 0.95x for the explicit one
+# (issue 9's measurement); on CPUs that only emulate bf16 the fused kernel was 9% faster (7074 vs 7682 ms/step), but
+# bf16 is not their default. Override with model.attention=fused|math.
 CPU_FUSED = {"fp32": True, "bf16": False, "fp16": False}
 
 
