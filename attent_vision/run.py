@@ -15,9 +15,10 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 
-from attent_vision.config import ConfigError, validate_pretrain_config
+from attent_vision.config import ConfigError, cpu_has_native_bf16, validate_pretrain_config
 from attent_vision.data.validate import clean_worker_error
 from attent_vision.selection import AtteNTTeacher, EpochPlan
 from attent_vision.tasks.callbacks import RunSummary, run_callbacks
@@ -129,7 +130,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     plugins.append(AtomicCheckpointIO())
     # The stop handler first: the summary written on an exception then already knows how the run stopped.
     callbacks = sorted(callbacks, key=lambda cb: not isinstance(cb, GracefulStop))
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins
+    )
+    on_cpu = isinstance(trainer.accelerator, CPUAccelerator)
+    if on_cpu and str(trainer.precision).startswith("32") and cpu_has_native_bf16():
+        log.info("this CPU computes bf16 natively: trainer.precision=bf16-mixed is likely faster")
+    return trainer
 
 
 def check_data(cfg: DictConfig, datamodule: Any, *, min_size: int) -> None:
