@@ -19,7 +19,9 @@ A step, on both sides, is what a training loop runs per batch: truncated depth s
 forward (each model drawing its own masks as in its training step: ours from per-sample seeds, the reference
 from the global RNG; ``--same-masks`` feeds the reference the masks ours drew, drawn outside its timed step), the
 four pretraining losses (rgb MSE, depth L1, semseg cross-entropy, norm-pix rgb MSE; masked tokens only), their
-sum, backward and an AdamW step (same hyper-parameters on both). Logging, the reference's ``.item()`` calls and
+sum, backward and an AdamW step (same hyper-parameters on both; ours with our config's fused kernel, the
+reference with torch's default CPU implementation as its ``create_optimizer`` builds it; ``--default-adamw`` gives
+ours that one too). Logging, the reference's ``.item()`` calls and
 its NativeScaler grad norm, and Lightning's loop are not part of either step. ``--precisions``: fp32, or bf16
 under ``torch.autocast("cpu")`` (semseg decoder in fp32 on both, as both recipes ask). Ours runs with fused SDPA
 attention and with the explicit-softmax (math) kernel; the reference has only the explicit one.
@@ -276,9 +278,15 @@ def geometry_of(module: nn.Module, cfg: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ steps
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # The same AdamW on both sides (the recipes' betas, eps and decay); one group, as the reference's.
+def make_optimizer(
+    model: nn.Module, factory: Callable[..., torch.optim.Optimizer] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW with the recipes' betas, eps and decay, one group on both sides. ``factory`` is our config's optimizer
+    (fused AdamW); without it, torch's default CPU AdamW, the per-parameter loop, as the reference's
+    ``create_optimizer`` builds it."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if factory is not None:
+        return factory(params, lr=1e-4, weight_decay=0.05)
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
 
 
@@ -377,6 +385,11 @@ def main() -> None:
         action="store_true",
         help="feed the reference the masks ours draws (drawn outside its timed step) instead of its own",
     )
+    parser.add_argument(
+        "--default-adamw",
+        action="store_true",
+        help="give ours torch's default CPU AdamW too, instead of our config's fused one",
+    )
     parser.add_argument("--json", type=Path, help="also write every row to this file")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides of our config")
     args = parser.parse_args()
@@ -428,7 +441,8 @@ def main() -> None:
             return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext
 
-    ours_optimizer, ref_optimizer = make_optimizer(module), make_optimizer(reference)
+    ours_optimizer = make_optimizer(module, None if args.default_adamw else module.optimizer_factory)
+    ref_optimizer = make_optimizer(reference)
     variants = []  # (precision, model, attention, step, masks)
     for precision in args.precisions:
         autocast = autocast_for(precision)
@@ -456,6 +470,7 @@ def main() -> None:
         "params_ours": count(module),
         "params_reference": count(reference),
         "masks": "reference draws ours" if args.same_masks else "each model draws its own",
+        "optimizer_ours": "default AdamW" if args.default_adamw else "config (fused AdamW)",
         "rounds": args.rounds,
         "steps": args.steps,
         "warmup": args.warmup,

@@ -229,6 +229,39 @@ def test_micro_model_instantiates_from_config(compose_cfg):
     assert set(hydra.utils.instantiate(cfg.model).losses) == {"rgb", "depth", "semseg"}
 
 
+def test_default_optimizer_is_fused_adamw_with_the_loop_update(compose_cfg):
+    """The fused AdamW kernel (the default since it is 3-5x faster on CPU) makes the same update as torch's
+    per-parameter loop on the model's own parameter groups (decay and no-decay)."""
+    cfg = compose_cfg()
+    factory = hydra.utils.instantiate(cfg.model.optimizer)
+    assert factory.func is torch.optim.AdamW and factory.keywords["fused"] is True
+    torch.manual_seed(0)
+    nets = [hydra.utils.instantiate(cfg.model).net for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    groups = [
+        [
+            {"params": [p for p in n.parameters() if p.ndim > 1]},
+            {"params": [p for p in n.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        for n in nets
+    ]
+    fused = factory(groups[0], lr=1e-3, weight_decay=0.05)
+    loop = torch.optim.AdamW(
+        groups[1], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, foreach=False
+    )
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    before = [p.detach().clone() for p in nets[0].parameters()]
+    for _ in range(3):
+        for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(p, b) for p, b in zip(nets[0].parameters(), before, strict=True))
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
