@@ -12,6 +12,8 @@ Rows (each measured in its own subprocess, so peak memory and compile caches do 
 * ``score``: the teacher's scoring pass step (forward only, no grad, score masks seeded by index) at 4x the batch.
 * ``masks``: drawing one training batch's per-sample masks alone (the part of a step that is not the network),
   counter-hashed on the device; ``masks_loop``: the same batch the earlier way, a CPU generator per sample.
+* ``adamw_loop`` / ``adamw_foreach`` / ``adamw_fused``: one AdamW step over the model's parameters alone, in
+  torch's three implementations (the per-parameter loop is torch's CPU default; the config uses the fused one).
 * ``loader``: the default data loader alone (embedded data, its workers and transforms), images/s over an epoch.
 
 Peak memory is the process's peak resident set on CPU (model, optimizer, activations and the Python/torch
@@ -97,7 +99,14 @@ def measure_model(row: dict, steps: int, warmup: int) -> dict:
     if row["compile"] == "compile":
         module.net.compile()
     autocast = torch.autocast(device, dtype=torch.bfloat16) if row["precision"] == "bf16" else nullcontext()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = module.optimizer_factory(module.parameters(), lr=1e-4)  # the config's (fused AdamW)
+    if kind.startswith("adamw_"):
+        impl = kind.removeprefix("adamw_")
+        optimizer = torch.optim.AdamW(
+            module.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=impl == "foreach", fused=impl == "fused"
+        )
+        for param in module.parameters():
+            param.grad = torch.randn_like(param)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -147,7 +156,13 @@ def measure_model(row: dict, steps: int, warmup: int) -> dict:
         torch.cat(keep).to(device)
         sync(device)
 
-    step = {"train": train_step, "score": score_step, "masks": mask_step, "masks_loop": mask_loop_step}[kind]
+    steps_by_kind = {
+        "train": train_step,
+        "score": score_step,
+        "masks": mask_step,
+        "masks_loop": mask_loop_step,
+    }
+    step = steps_by_kind.get(kind, optimizer.step)
     module.train(kind == "train")
     start = time.perf_counter()
     for _ in range(warmup):
@@ -232,6 +247,8 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
                         )
                 rows.append({**base, "kind": "score", "precision": precision, "compile": "eager"})
             rows.append({**base, "kind": "masks", "precision": "-", "compile": "eager"})
+            for impl in ("loop", "foreach", "fused"):
+                rows.append({**base, "kind": f"adamw_{impl}", "precision": "fp32", "compile": "eager"})
         for spec in args.mask_configs:  # a GPU-sized batch: is drawing masks negligible beside its step?
             size, image, batch = spec.split(":")
             base = {"device": device, "model": size, "image_size": int(image), "batch": int(batch)}

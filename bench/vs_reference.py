@@ -28,7 +28,9 @@ attention and with the explicit-softmax (math) kernel; the reference has only th
 
 Rounds are interleaved: after warm-up, every round times ``--steps`` steps of each variant in turn (the order
 rotates each round), and each variant's ms/step is the median over rounds. ``speed vs reference`` is the
-reference's median time divided by ours (> 1: ours is faster). Prints a JSON line per row and a markdown table.
+reference's median time divided by ours (> 1: ours is faster); ``per-round ratio`` is that ratio taken
+within each round and then the median over rounds, which a machine whose speed drifts between rounds disturbs less.
+Each row also splits its step into the forward (masks, network, losses), the backward and the optimizer step. Prints a JSON line per row and a markdown table.
 """
 
 from __future__ import annotations
@@ -295,14 +297,18 @@ def our_step(module: nn.Module, optimizer: torch.optim.Optimizer, autocast: Call
     logging and the non-finite check) plus backward and the optimizer step, as Lightning runs them."""
     from attent_vision.tasks.pretrain import weighted_task_loss
 
-    def step(batch: dict[str, Tensor], masks: Any = None) -> Tensor:
+    def step(batch: dict[str, Tensor], masks: Any, parts: dict[str, float]) -> Tensor:
+        start = time.perf_counter()
         with autocast():
             losses = module.sample_losses(batch, mask_seeds=module.train_mask_seeds(batch["index"]))
             task_losses = {task: weighted_task_loss(loss, None) for task, loss in losses.items()}
             loss = torch.stack(list(module.task_balancer(task_losses).values())).sum()
+        forward_done = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        backward_done = time.perf_counter()
         optimizer.step()
+        record_parts(parts, start, forward_done, backward_done)
         return loss.detach()
 
     return step
@@ -318,7 +324,8 @@ def reference_step(
     """One iteration of the reference's ``train_one_epoch`` (task balancer 'none'), without its logging."""
     in_domains = geometry["in_domains"]
 
-    def step(batch: dict[str, Tensor], masks: Any = None) -> Tensor:
+    def step(batch: dict[str, Tensor], masks: Any, parts: dict[str, float]) -> Tensor:
+        start = time.perf_counter()
         tasks = {task: tensor for task, tensor in batch.items() if task != "index"}
         if "depth" in tasks:
             tasks["depth"] = reference_depth_standardize(tasks["depth"])
@@ -341,9 +348,12 @@ def reference_step(
                 for task in preds
             }
             loss = sum(task_losses.values())
+        forward_done = time.perf_counter()
         optimizer.zero_grad()
         loss.backward()
+        backward_done = time.perf_counter()
         optimizer.step()
+        record_parts(parts, start, forward_done, backward_done)
         return loss.detach()
 
     return step
@@ -352,14 +362,28 @@ def reference_step(
 # ---------------------------------------------------------------------------------------------------- timing
 
 
+PARTS = ("forward", "backward", "optimizer")
+
+
+def record_parts(parts: dict[str, float], start: float, forward_done: float, backward_done: float) -> None:
+    """Adds one step's seconds in the forward (masks, network, losses), backward and optimizer step."""
+    end = time.perf_counter()
+    for part, seconds in zip(
+        PARTS, (forward_done - start, backward_done - forward_done, end - backward_done)
+    ):
+        parts[part] = parts.get(part, 0.0) + seconds
+
+
 def time_steps(
     step: Callable, batches: list[dict[str, Tensor]], masks: list[Any], steps: int
-) -> tuple[float, float]:
-    """Seconds per step over ``steps`` steps (cycling through the batches) and the last step's loss."""
+) -> tuple[float, float, dict[str, float]]:
+    """Seconds per step over ``steps`` steps (cycling through the batches), the last step's loss and the seconds
+    per step of each part."""
+    parts: dict[str, float] = {}
     start = time.perf_counter()
     for k in range(steps):
-        loss = step(batches[k % len(batches)], masks[k % len(masks)] if masks else None)
-    return (time.perf_counter() - start) / steps, float(loss)
+        loss = step(batches[k % len(batches)], masks[k % len(masks)] if masks else None, parts)
+    return (time.perf_counter() - start) / steps, float(loss), {p: t / steps for p, t in parts.items()}
 
 
 def main() -> None:
@@ -451,7 +475,7 @@ def main() -> None:
         ours = our_step(module, ours_optimizer, autocast)
         variants += [(precision, "ours", "fused", ours, []), (precision, "ours", "math", ours, [])]
 
-    def run(variant: tuple, steps: int) -> tuple[float, float]:
+    def run(variant: tuple, steps: int) -> tuple[float, float, dict[str, float]]:
         _, model, attention, step, step_masks = variant
         if model == "ours":
             set_fused_attention(module, attention == "fused")
@@ -481,13 +505,16 @@ def main() -> None:
         if args.warmup:
             run(variant, args.warmup)
     times: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+    part_times: dict[int, dict[str, list[float]]] = {i: {p: [] for p in PARTS} for i in range(len(variants))}
     last_loss: dict[int, float] = {}
     for r in range(args.rounds):
         order = list(range(len(variants)))
         order = order[r % len(order) :] + order[: r % len(order)]  # rotate: no variant always runs first
         for i in order:
-            seconds, last_loss[i] = run(variants[i], args.steps)
+            seconds, last_loss[i], parts = run(variants[i], args.steps)
             times[i].append(seconds)
+            for part, part_seconds in parts.items():
+                part_times[i][part].append(part_seconds)
 
     rows = []
     medians = {i: statistics.median(t) for i, t in times.items()}
@@ -502,6 +529,11 @@ def main() -> None:
             "ms_per_step_rounds": [round(1000 * t, 2) for t in times[i]],
             "images_per_s": round(args.batch / medians[i], 2),
             "speed_vs_reference": round(medians[ref_index] / medians[i], 3),
+            # the same ratio within each round, then the median: robust to the machine's speed drifting
+            "speed_vs_reference_paired": round(
+                statistics.median(r / o for r, o in zip(times[ref_index], times[i], strict=True)), 3
+            ),
+            **{f"{p}_ms": round(1000 * statistics.median(part_times[i][p]), 2) for p in PARTS},
             "last_loss": round(last_loss[i], 4),
         }
         rows.append(row)
@@ -513,13 +545,14 @@ def main() -> None:
         f"\n{header['cpu']}, {header['threads']} threads, torch {header['torch']}; encoder {g['dim']}/{g['depth']}/"
         f"{g['num_heads']}, {g['image_size']} px, patch {g['patch_size']}, {g['num_encoded_tokens']} of "
         f"{g['tokens_per_task'] * len(g['in_domains'])} tokens encoded, batch {args.batch}; masks: {header['masks']}"
-        "\n\n| precision | model | attention | ms/step (median) | ms/step (min) | images/s | speed vs reference |"
-        "\n|---|---|---|---|---|---|---|"
+        "\n\n| precision | model | attention | ms/step (median) | ms/step (min) | images/s | speed vs reference | "
+        "per-round ratio (median) | forward / backward / optimizer ms |\n|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
             f"| {r['precision']} | {r['model']} | {r['attention']} | {r['ms_per_step']} | {r['ms_per_step_min']} | "
-            f"{r['images_per_s']} | {r['speed_vs_reference']:.2f}x |"
+            f"{r['images_per_s']} | {r['speed_vs_reference']:.2f}x | {r['speed_vs_reference_paired']:.2f}x | "
+            f"{r['forward_ms']:.0f} / {r['backward_ms']:.0f} / {r['optimizer_ms']:.0f} |"
         )
 
 

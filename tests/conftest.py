@@ -94,6 +94,21 @@ def run_train(
     return proc
 
 
+def assert_resumed_history_matches(resumed: list[dict], full: list[dict], *, rel: float = 1e-6) -> None:
+    """Every epoch of a resumed run's summary history has the uninterrupted run's train loss, and its validation
+    loss on the same epochs (pretraining validates every 5th epoch and the last; the others have none)."""
+    by_epoch = {h["epoch"]: h for h in full}
+    validated = 0
+    for h in resumed:
+        expected = by_epoch[h["epoch"]]
+        assert h["train_loss"] == pytest.approx(expected["train_loss"], rel=rel, abs=1e-7)
+        assert (h.get("val_loss") is None) == (expected.get("val_loss") is None), h["epoch"]
+        if h.get("val_loss") is not None:
+            assert h["val_loss"] == pytest.approx(expected["val_loss"], rel=rel, abs=1e-7)
+            validated += 1
+    assert validated, "no validated epoch to compare"
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

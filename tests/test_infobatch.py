@@ -17,7 +17,7 @@ from attent_vision.selection import AtteNTTeacher, InfoBatchPruner, OnlineScorer
 from attent_vision.selection.infobatch import anneal_start, infobatch_plan, prune, pruned_count
 from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.tasks.pretrain import weighted_task_loss
-from tests.conftest import read_summary, run_train
+from tests.conftest import assert_resumed_history_matches, read_summary, run_train
 from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor
 
 
@@ -270,10 +270,7 @@ def test_multimae_infobatch_lr_ends_exactly_and_resume_matches(tmp_path):
     assert resumed_events and resumed_events == [
         e for e in strip("full") if e["epoch"] >= resumed_events[0]["epoch"]
     ]
-    full_history = {h["epoch"]: h for h in full["history"]}
-    for h in resumed["history"]:
-        assert h["train_loss"] == pytest.approx(full_history[h["epoch"]]["train_loss"], rel=1e-6, abs=1e-7)
-        assert h["val_loss"] == pytest.approx(full_history[h["epoch"]]["val_loss"], rel=1e-6, abs=1e-7)
+    assert_resumed_history_matches(resumed["history"], full["history"])
     assert lr_per_step(tmp_path / "resumed") == pytest.approx(
         lrs[-len(lr_per_step(tmp_path / "resumed")) :], rel=1e-6
     )

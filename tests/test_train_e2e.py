@@ -66,13 +66,14 @@ def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(tmp_pa
     assert summary["initial_val_loss"] == first["initial_val_loss"]
 
 
-def test_validating_every_k_epochs_still_validates_the_last_epoch(tmp_path):
+def test_validating_every_k_epochs_still_validates_the_last_epoch_and_checkpoints_every_epoch(tmp_path):
     run_train(
         [
             *TINY_OVERRIDES,
             "hydra.run.dir=outputs/sparse",
             "trainer.max_epochs=4",
             "trainer.check_val_every_n_epoch=3",
+            "callbacks.model_checkpoint.save_top_k=-1",
         ],
         cwd=tmp_path,
     )
@@ -80,3 +81,6 @@ def test_validating_every_k_epochs_still_validates_the_last_epoch(tmp_path):
     validated = [h["epoch"] for h in summary["history"] if h.get("val_loss") is not None]
     assert validated == [2, 3]  # epoch 3 is not divisible by the period: validated because it is the last
     assert summary["final_val_loss"] == summary["history"][-1]["val_loss"]
+    # checkpoints do not wait for validations: every epoch is resumable
+    written = sorted(p.name for p in (tmp_path / "outputs" / "sparse" / "checkpoints").glob("epoch_*.ckpt"))
+    assert written == [f"epoch_{e:03d}.ckpt" for e in range(4)]
