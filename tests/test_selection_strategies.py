@@ -18,7 +18,7 @@ from attent_vision.selection.selectors import (
     SoftSelector,
     select,
 )
-from attent_vision.selection.strategies import log_weights, select_hard, select_random, select_soft
+from attent_vision.selection.strategies import log_weights, select_hard, select_random, select_soft, top_k
 
 
 @pytest.fixture(autouse=True)
@@ -306,3 +306,15 @@ def test_soft_selector_defaults_and_validation() -> None:
         HardSelector(reselect="always")
     with pytest.raises(ValueError, match=r"selection\.total_cycles"):
         RandomSelector(total_cycles=0)
+
+
+def test_top_k_is_topk_as_sorted_indices_with_ties_to_the_lowest_index() -> None:
+    keys = torch.randn(10_001, generator=_gen(3), dtype=torch.float64)
+    for k in (0, 1, 17, 5_000, 10_000, 10_001):
+        expected = torch.topk(keys, k, sorted=False).indices.sort().values
+        assert torch.equal(top_k(keys, k), expected)
+    tied = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.0, 2.0])  # k=3: the 3, then two of the four 2s
+    assert top_k(tied, 3).tolist() == [0, 2, 3]
+    assert top_k(torch.zeros(6), 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"k=8 is outside \[0, 7\]"):
+        top_k(tied, 8)

@@ -128,8 +128,10 @@ class CycleSelector(Selector):
         k = epoch.num_samples
         if not 1 <= k <= scores.numel():
             raise ValueError(f"k={k} is outside [1, {scores.numel()}]")
-        chosen = self.choose(scores, k, generator=generator)
-        return Selection(chosen.sort().values.to(torch.int64))
+        chosen = self.choose(scores, k, generator=generator).to(torch.int64)
+        if chosen.numel() > 1 and not bool((chosen[1:] > chosen[:-1]).all()):  # hard and soft come sorted
+            chosen = chosen.sort().values
+        return Selection(chosen)
 
 
 @dataclass(frozen=True, kw_only=True)
