@@ -1,7 +1,7 @@
 """The paper's Table 3 in miniature: pretraining time (scoring included) against downstream quality, per method.
 
     python bench/table3.py --jobs 2             # every row, seeds 0 1 2 (86 minutes on 2 CPU cores)
-    python bench/table3.py --quick              # one seed, six rows, shorter runs, two at a time
+    python bench/table3.py --quick              # one seed, six rows, shorter runs, two at a time (9.5 minutes)
     python bench/table3.py --out outputs/bench/table3 --seeds 0 1 2 3   # resumes there: finished runs are kept
 
 For every row and seed: `python train.py <row overrides> seed=S` with a fixed epoch budget on the embedded data,

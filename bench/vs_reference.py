@@ -386,6 +386,17 @@ def time_steps(
     return (time.perf_counter() - start) / steps, float(loss), {p: t / steps for p, t in parts.items()}
 
 
+def operator_shares(work: Callable[[], Any], top: int = 8) -> str:
+    """The ``top`` operators by self CPU time while ``work`` runs, as shares of all operators' self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return ", ".join(f"{e.key} {e.self_cpu_time_total / total:.1%}" for e in events[:top])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -413,6 +424,11 @@ def main() -> None:
         "--default-adamw",
         action="store_true",
         help="give ours torch's default CPU AdamW too, instead of our config's fused one",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="afterwards, profile 2 steps of each variant (torch.profiler) and print its operators' time shares",
     )
     parser.add_argument("--json", type=Path, help="also write every row to this file")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides of our config")
@@ -540,6 +556,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"setup": header, "rows": rows}, indent=1))
+    if args.profile:
+        for variant in variants:
+            print(
+                f"\n{variant[0]} {variant[1]} ({variant[2]} attention): {operator_shares(partial(run, variant, 2))}"
+            )
 
     print(
         f"\n{header['cpu']}, {header['threads']} threads, torch {header['torch']}; encoder {g['dim']}/{g['depth']}/"

@@ -238,7 +238,7 @@ def test_pretraining_validates_every_fifth_epoch_finetuning_every_epoch(compose_
 
 
 def test_default_optimizer_is_fused_adamw_with_the_loop_update(compose_cfg):
-    """The fused AdamW kernel (the default since it is 3-5x faster on CPU) makes the same update as torch's
+    """The fused AdamW kernel (the default since it is 2-5x faster on CPU) makes the same update as torch's
     per-parameter loop on the model's own parameter groups (decay and no-decay)."""
     cfg = compose_cfg()
     factory = hydra.utils.instantiate(cfg.model.optimizer)
