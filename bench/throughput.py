@@ -99,14 +99,15 @@ def measure_model(row: dict, steps: int, warmup: int) -> dict:
     if row["compile"] == "compile":
         module.net.compile()
     autocast = torch.autocast(device, dtype=torch.bfloat16) if row["precision"] == "bf16" else nullcontext()
-    optimizer = module.optimizer_factory(module.parameters(), lr=1e-4)  # the config's (fused AdamW)
-    if kind.startswith("adamw_"):
+    if kind.startswith("adamw_"):  # the optimizer step alone, in one of torch's implementations
         impl = kind.removeprefix("adamw_")
         optimizer = torch.optim.AdamW(
             module.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=impl == "foreach", fused=impl == "fused"
         )
         for param in module.parameters():
             param.grad = torch.randn_like(param)
+    else:
+        optimizer = module.optimizer_factory(module.parameters(), lr=1e-4)  # the config's (fused AdamW)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

@@ -21,16 +21,17 @@ from the global RNG; ``--same-masks`` feeds the reference the masks ours drew, d
 four pretraining losses (rgb MSE, depth L1, semseg cross-entropy, norm-pix rgb MSE; masked tokens only), their
 sum, backward and an AdamW step (same hyper-parameters on both; ours with our config's fused kernel, the
 reference with torch's default CPU implementation as its ``create_optimizer`` builds it; ``--default-adamw`` gives
-ours that one too). Logging, the reference's ``.item()`` calls and
-its NativeScaler grad norm, and Lightning's loop are not part of either step. ``--precisions``: fp32, or bf16
+ours that one too). Logging, the reference's ``.item()`` calls and its NativeScaler grad norm, and Lightning's
+loop are not part of either step. ``--precisions``: fp32, or bf16
 under ``torch.autocast("cpu")`` (semseg decoder in fp32 on both, as both recipes ask). Ours runs with fused SDPA
 attention and with the explicit-softmax (math) kernel; the reference has only the explicit one.
 
 Rounds are interleaved: after warm-up, every round times ``--steps`` steps of each variant in turn (the order
 rotates each round), and each variant's ms/step is the median over rounds. ``speed vs reference`` is the
-reference's median time divided by ours (> 1: ours is faster); ``per-round ratio`` is that ratio taken
-within each round and then the median over rounds, which a machine whose speed drifts between rounds disturbs less.
-Each row also splits its step into the forward (masks, network, losses), the backward and the optimizer step. Prints a JSON line per row and a markdown table.
+reference's median time divided by ours (> 1: ours is faster); ``per-round ratio`` is that ratio taken within
+each round and then the median over rounds, which a machine whose speed drifts between rounds disturbs less. Each
+row also splits its step into the forward (masks, network, losses), the backward and the optimizer step
+(``--profile`` adds the operators' time shares). Prints a JSON line per row and a markdown table.
 """
 
 from __future__ import annotations
