@@ -1,21 +1,33 @@
-"""Shared fixtures: composed Hydra configs and a helper that runs train.py in a subprocess."""
+"""Shared fixtures: composed Hydra configs, helpers that run train.py / finetune.py in a subprocess, and runs built
+once per test session (across pytest-xdist workers) for the tests that only read them."""
 
 from __future__ import annotations
 
-import json
 import os
+
+# One math thread per test process and per train.py / finetune.py it spawns (they inherit the environment): the
+# suite runs on two pytest-xdist workers, and two processes with two threads each on two cores only thrash.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import attent_vision.config  # noqa: F401  (resolvers)
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -136,3 +148,59 @@ FINETUNE_COMMON = [
     "callbacks.prediction_gallery.every_n_epochs=1",
     "logger=csv",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs built once per session
+
+
+def shared_run(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]
+) -> Path:
+    """A folder that ``build(folder)`` fills once per test session, whichever pytest-xdist worker asks first.
+
+    The other workers wait on a file lock and reuse the folder. Tests only read it: one that changes a run copies
+    it first (``copy_run``). A build that fails leaves no ``.done`` marker, so the next asker builds it again and
+    sees the same error.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders share this parent
+    folder = root / f"shared-{name}"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".done").touch()
+    return folder
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a shared run (symlinks such as ``last.ckpt`` stay links) for a test that changes it."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One tiny ``train.py`` run (the smoke preset: micro encoder, patch 8, 32 px, full data) shared by the tests
+    that only read it: its working directory (with ``data/``) and its run directory."""
+
+    def build(cwd: Path) -> None:
+        run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/pretrain/runs/smoke"], cwd=cwd)
+
+    cwd = shared_run(tmp_path_factory, "smoke", build)
+    return cwd, cwd / "outputs" / "pretrain" / "runs" / "smoke"
+
+
+def ddp_strategy(start_method: str = "fork", **kwargs):
+    """Lightning's DDP over gloo for in-process tests, with a 60 s collective timeout so that a rank that dies
+    fails the test instead of hanging it. ``fork`` starts the workers without a fresh interpreter each."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(
+        start_method=start_method, process_group_backend="gloo", timeout=timedelta(seconds=60), **kwargs
+    )
