@@ -28,7 +28,11 @@ if [[ -n "${extras}" ]]; then
     target=".[${extras}]"
 fi
 
+start=${SECONDS}
 python -m pip install --no-cache-dir -e "${target}"
 
 # Cheap proof that the pinned stack imports (CUDA is the wheel's build, not a GPU check: builds have no GPU).
 python -c 'import torch, torchvision; print(f"installed torch {torch.__version__} (CUDA build {torch.version.cuda}), torchvision {torchvision.__version__}")'
+echo "install.sh: installed ${target} in $((SECONDS - start)) s"
+# .ci/run reads this to split its steps' times (install vs the command that follows it).
+if [[ -n "${ATTENT_STEP_LOG:-}" ]]; then echo "$((SECONDS - start))" >>"${ATTENT_STEP_LOG}"; fi

@@ -75,32 +75,9 @@ export_env() {
 }
 
 ensure_packages() {
-  local missing=0 b
-  for b in slurmctld slurmd munged sinfo sbatch; do
-    command -v "${b}" >/dev/null 2>&1 || [[ -x "/usr/sbin/${b}" ]] || missing=1
-  done
-  [[ "${missing}" == 0 ]] && return 0
-  [[ "$(id -u)" == 0 ]] || die "slurm/munge missing and not root: install slurm-wlm and munge"
-  log "installing slurm-wlm and munge with apt-get (one-off)..."
-  # Keep package maintainer scripts from starting the system services.
-  local policy=/usr/sbin/policy-rc.d tmp_policy=0
-  if [[ ! -e "${policy}" ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"${policy}"
-    chmod +x "${policy}"
-    tmp_policy=1
-  fi
-  local rc=0
-  {
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        slurm-wlm munge >"${STATE_DIR}/apt.log" 2>&1
-  } || rc=$?
-  if [[ "${tmp_policy}" == 1 ]]; then rm -f "${policy}"; fi
-  if [[ "${rc}" != 0 ]]; then
-    tail -n 30 "${STATE_DIR}/apt.log" >&2 || true
-    die "apt-get install slurm-wlm munge failed (rc=${rc})"
-  fi
-  log "installed: $(slurmctld -V 2>/dev/null || echo '?'), $(munged --version 2>/dev/null | head -n1 || echo '?')"
+  # The one installer of system packages: a no-op when they are there, and it waits for an install already
+  # under way (.ci/run starts one in the background).
+  bash "$(dirname "${BASH_SOURCE[0]}")/../install_system_packages.sh" slurm
 }
 
 node_cpus() {
