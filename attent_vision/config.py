@@ -96,6 +96,24 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def require_set_values(cfg: DictConfig) -> None:
+    """Names every mandatory value (``???``) left unset, instead of OmegaConf's error from wherever it is read."""
+    missing = []
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node (its sweep keys stay unset outside a multirun)
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(str(key))
+        elif OmegaConf.is_config(node := cfg[key]):
+            missing += OmegaConf.missing_keys(node)  # full keys ("data.root")
+    missing.sort()
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: required but not set; give {'it' if len(missing) == 1 else 'them'} on the "
+            f"command line, e.g. {missing[0]}=..."
+        )
+
+
 def count_input_tokens(*, modalities: list[str], input_size: int, patch_size: int) -> int:
     """Tokens the encoder would see unmasked: every modality gives (input_size / patch_size)^2 patches."""
     return len(modalities) * (input_size // patch_size) ** 2
@@ -103,6 +121,7 @@ def count_input_tokens(*, modalities: list[str], input_size: int, patch_size: in
 
 def validate_pretrain_config(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise crash deep inside training or silently misbehave."""
+    require_set_values(cfg)
     data, model = cfg.data, cfg.model
     modalities = list(data.modalities)
     known = set(MODALITIES)
@@ -166,6 +185,7 @@ FINETUNE_TASKS = ("cls", "semseg", "depth")
 
 def validate_finetune_config(cfg: DictConfig) -> None:
     """Fail fast on fine-tuning values that would otherwise crash deep inside training."""
+    require_set_values(cfg)
     task, data, module = cfg.task, cfg.data, cfg.module
     _require(task.name in FINETUNE_TASKS, "task", f"{task.name!r} is not one of {list(FINETUNE_TASKS)}")
     inputs = list(module.net.in_domains)
