@@ -154,9 +154,7 @@ FINETUNE_COMMON = [
 # runs built once per session
 
 
-def shared_run(
-    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]
-) -> Path:
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """A folder that ``build(folder)`` fills once per test session, whichever pytest-xdist worker asks first.
 
     The other workers wait on a file lock and reuse the folder. Tests only read it: one that changes a run copies

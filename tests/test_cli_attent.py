@@ -1,24 +1,45 @@
-"""AtteNT from the command line: the printed plan, start-up errors, and the ablation sweep with its report."""
+"""AtteNT from the command line: the printed plan, start-up errors, and the ablation sweep with its report.
+
+The plan and the start-up checks run in-process (the composed config through ``run_pretraining``, as train.py
+calls it); one test per path goes through the real command line: the printed plan, and a start-up error as one
+message without a traceback.
+"""
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from attent_vision.config import ConfigError
+from attent_vision.run import run_pretraining
 from tests.conftest import ROOT, read_summary, run_train
 
 PLAN_KEYS = {"epoch", "kind", "cycle", "ratio", "num_samples", "num_steps", "reselect"}
 
 
-def printed_plan(args: list[str], cwd: Path) -> list[dict]:
-    proc = run_train(["print_plan=true", *args], cwd=cwd)
-    return json.loads(proc.stdout)
+@pytest.fixture
+def printed_plan(compose_cfg, capsys, tmp_path, monkeypatch):
+    """``python train.py print_plan=true ARGS`` in-process: the JSON plan it prints, data and outputs in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATTENT_DATA_DIR", str(tmp_path / "data"))
+
+    def plan_of(args: list[str]) -> list[dict]:
+        capsys.readouterr()
+        assert run_pretraining(compose_cfg("print_plan=true", *args)) is None
+        return json.loads(capsys.readouterr().out)
+
+    return plan_of
 
 
-def test_default_plan_is_incremental_soft_with_every_epoch_accounted_for(tmp_path):
-    plan = printed_plan([], tmp_path)
+def test_print_plan_from_the_command_line_prints_json_and_generates_no_data(tmp_path, printed_plan):
+    proc = run_train(["print_plan=true"], cwd=tmp_path)
+    assert json.loads(proc.stdout) == printed_plan([])
+    assert not (tmp_path / "data").exists(), "printing the plan must not generate data"
+
+
+def test_default_plan_is_incremental_soft_with_every_epoch_accounted_for(tmp_path, printed_plan):
+    plan = printed_plan([])
     assert not (tmp_path / "data").exists(), "printing the plan must not generate data"
     assert len(plan) == 100 and all(set(p) == PLAN_KEYS for p in plan)
     assert [p["epoch"] for p in plan] == list(range(100))
@@ -39,10 +60,8 @@ def test_default_plan_is_incremental_soft_with_every_epoch_accounted_for(tmp_pat
     assert {p["cycle"] for p in plan if p["cycle"] is not None} == set(range(10))
 
 
-def test_plan_follows_the_chosen_groups(tmp_path):
-    plan = printed_plan(
-        ["selection=hard", "ratio=cosine", "interval=fixed", "trainer.max_epochs=61"], tmp_path
-    )
+def test_plan_follows_the_chosen_groups(printed_plan):
+    plan = printed_plan(["selection=hard", "ratio=cosine", "interval=fixed", "trainer.max_epochs=61"])
     assert len(plan) == 61
     firsts = [p for p in plan if p["reselect"]]
     assert len(firsts) == 10  # hard re-selects once per cycle
@@ -59,7 +78,7 @@ def test_plan_follows_the_chosen_groups(tmp_path):
         0.8,
     ]
     assert sum(p["kind"] == "subset" for p in plan) == 50
-    none = printed_plan(["selection=none"], tmp_path)
+    none = printed_plan(["selection=none"])
     assert all(p["kind"] == "full" and not p["reselect"] for p in none)
 
 
@@ -83,15 +102,21 @@ def test_plan_follows_the_chosen_groups(tmp_path):
         ("selection=infobatch selection.prune_ratio=1.5", "selection.prune_ratio: 1.5 is outside (0, 1)"),
     ],
 )
-def test_invalid_combinations_fail_at_start_up_naming_the_key(tmp_path, override, message):
-    proc = run_train(["print_plan=true", *override.split()], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
+def test_invalid_combinations_fail_at_start_up_naming_the_key(printed_plan, override, message):
+    with pytest.raises(ConfigError) as error:
+        printed_plan(override.split())
+    assert message in str(error.value)
+
+
+def test_a_start_up_error_on_the_command_line_is_one_message_without_a_traceback(tmp_path):
+    proc = run_train(["print_plan=true", "ratio.final=0.1"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "ConfigError: ratio.final: 0.1 is below ratio.initial=0.2" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_infobatch_plan_prunes_then_anneals_with_estimated_sizes(tmp_path):
-    plan = printed_plan(["selection=infobatch"], tmp_path)
+def test_infobatch_plan_prunes_then_anneals_with_estimated_sizes(printed_plan):
+    plan = printed_plan(["selection=infobatch"])
     assert len(plan) == 100 and plan[0]["kind"] == "full"
     pruned = [p for p in plan if p["kind"] == "subset"]
     assert [p["epoch"] for p in pruned] == list(range(1, 88))  # epochs e < 0.875 x 100, the first excepted

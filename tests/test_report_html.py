@@ -203,6 +203,7 @@ window.addEventListener("load", () => {
 </script>"""
 
 
+@pytest.mark.xdist_group("system")  # beside the SLURM tests: one worker for system packages and fixed ports
 def test_report_html_renders_in_headless_chromium(sweep: Path, browser: str, tmp_path: Path) -> None:
     probe_page = tmp_path / "probe.html"
     probe_page.write_text((sweep / "report.html").read_text().replace("</body>", IMAGE_PROBE + "</body>"))

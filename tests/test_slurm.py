@@ -35,7 +35,8 @@ import yaml
 
 from .conftest import ROOT, TINY_OVERRIDES, read_summary
 
-pytestmark = pytest.mark.slow
+# One worker for every test that installs system packages or binds fixed ports (the cluster's 6817/6818).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("system")]
 
 CLUSTER_SCRIPT = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 CLUSTER_START_TIMEOUT = 600  # the first start apt-installs slurm-wlm and munge
