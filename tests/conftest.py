@@ -183,10 +183,13 @@ def copy_run(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One tiny ``train.py`` run (the smoke preset: micro encoder, patch 8, 32 px, full data) shared by the tests
-    that only read it: its working directory (with ``data/``) and its run directory."""
+    that only read it: its working directory (with ``data/`` and the command's ``train.stdout`` / ``train.stderr``)
+    and its run directory."""
 
     def build(cwd: Path) -> None:
-        run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/pretrain/runs/smoke"], cwd=cwd)
+        proc = run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/pretrain/runs/smoke"], cwd=cwd)
+        (cwd / "train.stdout").write_text(proc.stdout)  # what the user saw, for the tests that read it
+        (cwd / "train.stderr").write_text(proc.stderr)
 
     cwd = shared_run(tmp_path_factory, "smoke", build)
     return cwd, cwd / "outputs" / "pretrain" / "runs" / "smoke"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import TINY_OVERRIDES, read_summary, run_train
+from tests.conftest import TINY_OVERRIDES, copy_run, read_summary, run_train
 
 
 def only_run_dir(root: Path) -> Path:
@@ -14,9 +14,10 @@ def only_run_dir(root: Path) -> Path:
     return runs[0]
 
 
-def test_tiny_run_writes_summary_checkpoints_and_metrics(tmp_path):
-    proc = run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/pretrain/runs/first"], cwd=tmp_path)
-    run_dir = only_run_dir(tmp_path)
+def test_tiny_run_writes_summary_checkpoints_and_metrics(smoke_run):
+    """The session's shared smoke run: ``train.py experiment=smoke selection=none logger=csv``."""
+    cwd, run_dir = smoke_run
+    assert only_run_dir(cwd) == run_dir
     summary = read_summary(run_dir)
     assert summary["status"] == "finished"
     for key in ("wall_time_s", "samples_seen", "optimizer_steps", "final_train_loss", "final_val_loss"):
@@ -32,14 +33,13 @@ def test_tiny_run_writes_summary_checkpoints_and_metrics(tmp_path):
     with open(run_dir / "csv" / "metrics.csv") as f:
         columns = next(csv.reader(f))
     assert {"train/loss_step", "val/loss", "val/loss_depth", "lr-AdamW/pg1"} <= set(columns)
-    assert "run summary (summary.json):" in proc.stdout
+    assert "run summary (summary.json):" in (cwd / "train.stdout").read_text()
     # the synthetic data went to ATTENT_DATA_DIR, outside the run directory
-    assert (tmp_path / "data" / "synthetic_smoke" / "meta.json").is_file()
+    assert (cwd / "data" / "synthetic_smoke" / "meta.json").is_file()
 
 
-def test_resume_from_last_ckpt_continues_the_step_count(tmp_path):
-    run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/first"], cwd=tmp_path)
-    last = tmp_path / "outputs" / "first" / "checkpoints" / "last.ckpt"
+def test_resume_from_last_ckpt_continues_the_step_count(smoke_run, tmp_path):
+    last = smoke_run[1] / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 12 and state["samples_seen"] == 96
     run_train(
@@ -52,9 +52,11 @@ def test_resume_from_last_ckpt_continues_the_step_count(tmp_path):
     assert [e["epoch"] for e in summary["history"]] == [2]
 
 
-def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(tmp_path):
+def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(smoke_run, tmp_path):
     """A requeued job that lands in its own directory continues instead of starting over."""
-    run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/job"], cwd=tmp_path)
+    copy_run(
+        smoke_run[1], tmp_path / "outputs" / "job"
+    )  # a finished 2-epoch run, as the same command left it
     first = read_summary(tmp_path / "outputs" / "job")
     run_train([*TINY_OVERRIDES, "hydra.run.dir=outputs/job", "trainer.max_epochs=3"], cwd=tmp_path)
     summary = read_summary(tmp_path / "outputs" / "job")
