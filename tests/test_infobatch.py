@@ -17,8 +17,8 @@ from attent_vision.selection import AtteNTTeacher, InfoBatchPruner, OnlineScorer
 from attent_vision.selection.infobatch import anneal_start, infobatch_plan, prune, pruned_count
 from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.tasks.pretrain import weighted_task_loss
-from tests.conftest import assert_resumed_history_matches, read_summary, run_train
-from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor
+from tests.conftest import assert_resumed_history_matches, ddp_strategy, read_summary, run_train
+from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor, isolate_master_port
 
 
 def skewed_losses(num: int, seed: int = 0) -> torch.Tensor:
@@ -197,16 +197,19 @@ def test_selection_infobatch_picks_online_scoring(compose_cfg):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_ranks_prune_alike_and_split_the_kept_samples(tmp_path):
-    """gloo DDP with 2 CPU processes: same pruning and weights on both ranks, disjoint equal shards."""
+def test_two_process_ddp_ranks_prune_alike_and_split_the_kept_samples(tmp_path, monkeypatch):
+    """gloo DDP with 2 forked CPU processes: same pruning and weights on both ranks, disjoint equal shards."""
+    isolate_master_port(monkeypatch)
     fit_toy(
         tmp_path,
         infobatch_teacher(tmp_path),
         num_samples=66,
         devices=2,
-        strategy="ddp_spawn",
+        strategy=ddp_strategy(),
+        # destroys each worker's group before the forked worker exits; the pytest process never has one
         extra_callbacks=[SpawnedProcessGroupCleanup()],
     )
+    assert not torch.distributed.is_initialized()
     ranks = [json.loads((tmp_path / "shards" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 8
     for r0, r1 in zip(*ranks, strict=True):

@@ -23,8 +23,20 @@ from attent_vision.selection import (
 )
 from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.tasks.lr_schedule import warmup_cosine_lr
-from tests.conftest import assert_resumed_history_matches, read_summary, run_train
-from tests.toy_selection import LossProportional, ShardRecorder, ToyDataModule, ToyRegressor
+from tests.conftest import (
+    assert_resumed_history_matches,
+    ddp_strategy,
+    read_summary,
+    run_train,
+    shared_run,
+)
+from tests.toy_selection import (
+    LossProportional,
+    ShardRecorder,
+    ToyDataModule,
+    ToyRegressor,
+    isolate_master_port,
+)
 
 SCORERS = {"full": FullPassScorer, "online": OnlineScorer}
 
@@ -194,14 +206,18 @@ def test_teacher_refuses_a_trainer_that_would_rewrap_its_sampler(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("scoring", "num_samples"), [("full", 67), ("online", 66)])
-def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path, scoring, num_samples):
-    """gloo DDP with 2 CPU processes: same subset on both ranks, disjoint equal shards covering it, same steps."""
+def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path, monkeypatch, scoring, num_samples):
+    """gloo DDP with 2 forked CPU processes: same subset on both ranks, disjoint equal shards covering it, same
+    steps. Both parameters run in one pytest process: the second fit finds no process group left by the first."""
     teacher = make_teacher(tmp_path, selector=SoftSelector(total_cycles=2), seed=5, scoring=scoring)
     recorder = ShardRecorder(str(tmp_path / "shards"))
+    isolate_master_port(monkeypatch)
+    # The cleanup destroys each worker's group before the forked worker exits; the pytest process never has one.
     trainer = toy_trainer(
-        tmp_path, [teacher, recorder, SpawnedProcessGroupCleanup()], devices=2, strategy="ddp_spawn"
+        tmp_path, [teacher, recorder, SpawnedProcessGroupCleanup()], devices=2, strategy=ddp_strategy()
     )
     trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=num_samples, batch_size=4))
+    assert not torch.distributed.is_initialized()
     plan = teacher.make_plan(max_epochs=7, dataset_size=num_samples, batch_size=4, world_size=2)
     ranks = [json.loads((tmp_path / "shards" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 7
@@ -215,6 +231,48 @@ def test_two_process_ddp_ranks_share_the_subset_and_split_it(tmp_path, scoring, 
     subset_sizes = [len(r["pool"]) for r in ranks[0] if len(r["pool"]) < num_samples]
     assert subset_sizes == [p.num_samples for p in plan if p.kind == "subset"]
     assert all(size % 2 == 0 for size in subset_sizes)  # k rounded down to a multiple of the world size
+
+
+def test_datamodule_hands_back_one_loader_whose_length_follows_the_teacher(compose_cfg):
+    """Lightning re-requests the loader every epoch; the same object keeps persistent workers alive."""
+    import hydra
+
+    from attent_vision.selection import SubsetSampler
+
+    cfg = compose_cfg("experiment=smoke")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    sampler = SubsetSampler(len(datamodule.train_dataset()), seed=0)
+    datamodule.set_train_sampler(sampler)
+    loader = datamodule.train_dataloader()
+    assert len(loader) == 48 // 8
+    sampler.set_pool(torch.arange(0, 48, 3, dtype=torch.int64))  # 16 samples
+    assert datamodule.train_dataloader() is loader
+    assert len(loader) == 16 // 8
+    assert sorted(int(i) for b in loader for i in b["index"]) == list(range(0, 48, 3))
+
+
+def test_training_augmentation_is_a_function_of_seed_epoch_and_index(compose_cfg):
+    """Resume- and worker-independent augmentation: same (epoch, index) -> same crop; global RNG untouched."""
+    import hydra
+
+    from attent_vision.data.datamodule import SeededAugmentation
+
+    cfg = compose_cfg("experiment=smoke")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    augmented = SeededAugmentation(datamodule.train_dataset(), seed=0)
+    first, again, next_epoch = augmented[(5, 1)], augmented[(5, 1)], augmented[(5, 2)]
+    assert torch.equal(first["rgb"], again["rgb"]) and torch.equal(first["semseg"], again["semseg"])
+    assert not torch.equal(first["rgb"], next_epoch["rgb"])
+    state = torch.get_rng_state()
+    augmented[(9, 4)]
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MultiMAE from the command line: LR schedule, observability and resume, against one uninterrupted reference run
 
 
 def lr_per_step(run_dir: Path) -> list[float]:
@@ -238,10 +296,46 @@ ATTENT_TINY = [
     "model.min_lr=1e-5",
 ]
 
+# The settings of the uninterrupted run that the LR test and the three resume tests read, and of every run those
+# tests start from its checkpoints. Deterministic, validated every 2nd epoch (so resumed runs compare validation
+# losses too), with two kinds of checkpoint: checkpoints/epoch_NNN.ckpt at every training epoch's end (after the
+# teacher prepared the next epoch), and val_checkpoints/epoch_NNN.ckpt at the end of every 2nd epoch's
+# validation, before the teacher's epoch-end hooks (Lightning's default writes only at the training epoch's end).
+REFERENCE = [
+    *ATTENT_TINY,
+    "trainer.deterministic=true",
+    "trainer.check_val_every_n_epoch=2",
+    "callbacks.model_checkpoint.save_top_k=-1",
+    "callbacks.model_checkpoint.monitor=null",
+    "+callbacks.val_checkpoint._target_=attent_vision.tasks.checkpointing.SafeModelCheckpoint",
+    "+callbacks.val_checkpoint.dirpath=${paths.output_dir}/val_checkpoints",
+    "+callbacks.val_checkpoint.filename='epoch_{epoch:03d}'",
+    "+callbacks.val_checkpoint.auto_insert_metric_name=false",
+    "+callbacks.val_checkpoint.save_top_k=-1",
+    "+callbacks.val_checkpoint.every_n_epochs=2",
+    "+callbacks.val_checkpoint.save_on_train_epoch_end=false",
+]
 
-def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(tmp_path):
-    run_train([*ATTENT_TINY, "hydra.run.dir=run"], cwd=tmp_path)
-    run_dir = tmp_path / "run"
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted REFERENCE run's directory, trained once per session. Tests only read it: their resumed
+    and crashing runs go to their own ``tmp_path``."""
+
+    def build(cwd: Path) -> None:
+        run_train([*REFERENCE, "hydra.run.dir=full"], cwd=cwd)
+
+    return shared_run(tmp_path_factory, "teacher-reference", build) / "full"
+
+
+def selection_events(run_dir: Path) -> list[dict]:
+    """The run's ``selection.jsonl`` without its timings (which no two runs share)."""
+    lines = (run_dir / "selection.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("time_s")} for line in lines]
+
+
+def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(reference_run):
+    run_dir = reference_run
     summary = read_summary(run_dir)
     lrs = lr_per_step(run_dir)
     total = summary["planned_optimizer_steps"]
@@ -283,72 +377,22 @@ def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path):
-    common = [
-        *ATTENT_TINY,
-        "trainer.deterministic=true",
-        "callbacks.model_checkpoint.save_top_k=-1",
-        "callbacks.model_checkpoint.monitor=null",
-    ]
-    run_train([*common, "hydra.run.dir=full"], cwd=tmp_path)
-    checkpoint = tmp_path / "full" / "checkpoints" / "epoch_002.ckpt"
+def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path, reference_run):
+    checkpoint = reference_run / "checkpoints" / "epoch_002.ckpt"
     assert checkpoint.is_file()
-    run_train([*common, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
-
-    def events(run: str) -> list[dict]:
-        lines = (tmp_path / run / "selection.jsonl").read_text().splitlines()
-        drop = {"scoring_time_s", "selection_time_s"}
-        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+    run_train([*REFERENCE, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
 
     # The checkpoint may be taken before or after the teacher prepared epoch 3; either way the resumed run
     # makes exactly the uninterrupted run's later selections (and trains epoch 3 on the same subset, see losses).
-    resumed_events = events("resumed")
+    resumed_events = selection_events(tmp_path / "resumed")
     assert resumed_events, "the resumed run made no selection"
     first = resumed_events[0]["epoch"]
     assert first in (3, 4)
-    assert resumed_events == [e for e in events("full") if e["epoch"] >= first]
+    assert resumed_events == [e for e in selection_events(reference_run) if e["epoch"] >= first]
     resumed = read_summary(tmp_path / "resumed")
     assert [h["epoch"] for h in resumed["history"]] == [3, 4, 5]
-    assert_resumed_history_matches(resumed["history"], read_summary(tmp_path / "full")["history"])
-    assert resumed["optimizer_steps"] == read_summary(tmp_path / "full")["optimizer_steps"]
-
-
-def test_datamodule_hands_back_one_loader_whose_length_follows_the_teacher(compose_cfg):
-    """Lightning re-requests the loader every epoch; the same object keeps persistent workers alive."""
-    import hydra
-
-    from attent_vision.selection import SubsetSampler
-
-    cfg = compose_cfg("experiment=smoke")
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    sampler = SubsetSampler(len(datamodule.train_dataset()), seed=0)
-    datamodule.set_train_sampler(sampler)
-    loader = datamodule.train_dataloader()
-    assert len(loader) == 48 // 8
-    sampler.set_pool(torch.arange(0, 48, 3, dtype=torch.int64))  # 16 samples
-    assert datamodule.train_dataloader() is loader
-    assert len(loader) == 16 // 8
-    assert sorted(int(i) for b in loader for i in b["index"]) == list(range(0, 48, 3))
-
-
-def test_training_augmentation_is_a_function_of_seed_epoch_and_index(compose_cfg):
-    """Resume- and worker-independent augmentation: same (epoch, index) -> same crop; global RNG untouched."""
-    import hydra
-
-    from attent_vision.data.datamodule import SeededAugmentation
-
-    cfg = compose_cfg("experiment=smoke")
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
-    augmented = SeededAugmentation(datamodule.train_dataset(), seed=0)
-    first, again, next_epoch = augmented[(5, 1)], augmented[(5, 1)], augmented[(5, 2)]
-    assert torch.equal(first["rgb"], again["rgb"]) and torch.equal(first["semseg"], again["semseg"])
-    assert not torch.equal(first["rgb"], next_epoch["rgb"])
-    state = torch.get_rng_state()
-    augmented[(9, 4)]
-    assert torch.equal(state, torch.get_rng_state())
+    assert_resumed_history_matches(resumed["history"], read_summary(reference_run)["history"])
+    assert resumed["optimizer_steps"] == read_summary(reference_run)["optimizer_steps"]
 
 
 def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
@@ -356,14 +400,12 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 
 
 @pytest.mark.slow
-def test_resume_from_a_mid_epoch_crash_checkpoint_matches_an_uninterrupted_run(tmp_path):
+def test_resume_from_a_mid_epoch_crash_checkpoint_matches_an_uninterrupted_run(tmp_path, reference_run):
     """The crash checkpoint lands mid-epoch (3 of epoch 0's 6 steps done): the resumed run skips the batches
     already trained, makes the same selections and ends where the uninterrupted run ends."""
-    common = [*ATTENT_TINY, "trainer.deterministic=true"]
-    run_train([*common, "hydra.run.dir=full"], cwd=tmp_path)
     crashed = run_train(
         [
-            *common,
+            *REFERENCE,
             "hydra.run.dir=crashed",
             "+callbacks.crash._target_=tests.toy_selection.CrashAtStep",
             "+callbacks.crash.step=3",
@@ -374,54 +416,33 @@ def test_resume_from_a_mid_epoch_crash_checkpoint_matches_an_uninterrupted_run(t
     assert crashed.returncode != 0 and "simulated crash at step 3" in crashed.stderr
     checkpoint = tmp_path / "crashed" / "checkpoints" / "on_exception.ckpt"
     assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 3
-    run_train([*common, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
-    full, resumed = read_summary(tmp_path / "full"), read_summary(tmp_path / "resumed")
+    run_train([*REFERENCE, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
+    full, resumed = read_summary(reference_run), read_summary(tmp_path / "resumed")
     assert resumed["optimizer_steps"] == full["optimizer_steps"]
     assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
     assert sorted(h["epoch"] for h in resumed["history"]) == [0, 1, 2, 3, 4, 5]
     # epoch 0 was trained across the crash: its mean train loss covers only the resumed half
     after_crash = [h for h in resumed["history"] if h["epoch"] >= 1]
     assert_resumed_history_matches(after_crash, full["history"], rel=1e-5)
-    drop = ("scoring_time_s", "selection_time_s")
-    events = {
-        run: [
-            {k: v for k, v in json.loads(x).items() if k not in drop}
-            for x in (tmp_path / run / "selection.jsonl").read_text().splitlines()
-        ]
-        for run in ("full", "resumed")
-    }
-    assert events["resumed"] == events["full"]
+    assert selection_events(tmp_path / "resumed") == selection_events(reference_run)
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_taken_before_the_epoch_end_hooks(tmp_path):
-    """Checkpoints written at validation end (save_on_train_epoch_end=false), before the teacher prepares
-    the next epoch; the resumed run must neither re-select twice nor select differently."""
-    common = [
-        *ATTENT_TINY,
-        "trainer.deterministic=true",
-        "trainer.check_val_every_n_epoch=2",
-        "callbacks.model_checkpoint.save_top_k=-1",
-        "callbacks.model_checkpoint.every_n_epochs=2",
-        "callbacks.model_checkpoint.save_on_train_epoch_end=false",  # the default writes at train epoch end
-    ]
-    run_train([*common, "hydra.run.dir=full"], cwd=tmp_path)
-    checkpoint = tmp_path / "full" / "checkpoints" / "epoch_001.ckpt"
+def test_resume_from_a_checkpoint_taken_before_the_epoch_end_hooks(tmp_path, reference_run):
+    """A checkpoint written at validation end, before the teacher prepares the next epoch (the reference run's
+    val_checkpoints); the resumed run must neither re-select twice nor select differently."""
+    checkpoint = reference_run / "val_checkpoints" / "epoch_001.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     teacher_state = state["callbacks"]["AtteNTTeacher"]
     assert teacher_state["last_ended_epoch"] == 0 and teacher_state["prepared_epoch"] == 1
-    run_train([*common, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
+    run_train([*REFERENCE, "hydra.run.dir=resumed", f"ckpt_path={checkpoint}"], cwd=tmp_path)
 
-    def events(run: str) -> list[dict]:
-        lines = (tmp_path / run / "selection.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if not k.endswith("time_s")} for x in lines]
-
-    assert events("resumed") == [e for e in events("full") if e["epoch"] >= 2]
+    assert selection_events(tmp_path / "resumed") == [
+        e for e in selection_events(reference_run) if e["epoch"] >= 2
+    ]
     # Epoch 1 only finishes its end hooks in the resumed run (no batch left), so compare from epoch 2 on.
-    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    full_losses, resumed_losses = _losses(reference_run), _losses(tmp_path / "resumed")
     assert sorted(e for e in resumed_losses if e >= 2) == [2, 3, 4, 5]
     for epoch in (2, 3, 4, 5):
         assert resumed_losses[epoch][0] == pytest.approx(full_losses[epoch][0], rel=1e-5)
-    assert (
-        read_summary(tmp_path / "resumed")["reselections"] == read_summary(tmp_path / "full")["reselections"]
-    )
+    assert read_summary(tmp_path / "resumed")["reselections"] == read_summary(reference_run)["reselections"]

@@ -1,7 +1,8 @@
 """A small non-MultiMAE LightningModule and DataModule that meet the AtteNT teacher's contract, and a user-defined
 selector (what a new strategy takes: one class here plus one YAML file).
 
-Importable (not a test file) so that ``ddp_spawn`` workers can unpickle them.
+Importable (not a test file) so that ``train.py`` can build ``CrashAtStep`` from a Hydra override, and so that the
+tests share them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attent_vision.selection import CycleSelector
+
+if TYPE_CHECKING:
+    import pytest  # train.py imports this module (CrashAtStep) and needs no pytest at run time
 
 
 class NoisyRegression(Dataset):
@@ -89,6 +94,44 @@ class ToyRegressor(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def known_scores(num_samples: int, seed: int = 0) -> torch.Tensor:
+    """Distinct, right-skewed scores (exponential draws, like training losses) in an order unrelated to the index."""
+    return -torch.log(torch.rand(num_samples, generator=torch.Generator().manual_seed(seed)))
+
+
+class KnownScoreRegressor(ToyRegressor):
+    """ToyRegressor whose scores are a fixed table, from the scoring pass and from training alike.
+
+    A sample's score then depends neither on the weights (which train differently on one process than on two) nor
+    on the batch it is in, so one process and two ranks see identical scores and must select identically.
+
+    Args:
+        scores: (M,) float32 score of every dataset index.
+    """
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.known = scores.clone()
+
+    def training_step(self, batch, batch_idx):
+        return {**super().training_step(batch, batch_idx), "sample_loss": self.known[batch["index"]]}
+
+    @torch.no_grad()
+    def score_batch(self, batch, *, seed=None):
+        return self.known[batch["index"]]
+
+
+def isolate_master_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gives one in-process DDP fit a free port of its own, unset again when the test ends.
+
+    Lightning's launcher writes ``MASTER_PORT`` into the pytest process's environment; left there, every later fit
+    of this worker would reuse the port, and every ``train.py`` it starts would inherit it.
+    """
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
 
 
 class ShardRecorder(pl.Callback):
