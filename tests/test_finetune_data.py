@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -163,14 +164,18 @@ def test_train_transform_keeps_modalities_aligned() -> None:
 
 
 def test_dense_datamodule_rejects_labels_beyond_num_classes(downstream_root: Path) -> None:
+    from attent_vision.models import build_multivit
+    from attent_vision.models.heads import ConvNeXtHead
     from attent_vision.tasks.finetune import SegmentationModule
 
     dm = DenseDataModule(
         root=str(downstream_root / "nyu"), target="semseg", num_classes=4, input_size=32, pad_to=8
     )
     dm.setup()
-    module = SegmentationModule.__new__(SegmentationModule)
-    module.num_classes, module.ignore_index = 4, 255
-    module.make_metrics = lambda: None
+    # A real 4-class segmentation module (micro encoder, a narrow ConvNeXt head): its chance level reads every
+    # evaluation label map first, and the generated ones go up to 8.
+    head = partial(ConvNeXtHead, num_classes=4, main_tasks=["rgb"], embed_dim=64)
+    net = build_multivit(size="micro", image_size=32, patch_size=8, heads={"semseg": head})
+    module = SegmentationModule(net=net, num_classes=4)
     with pytest.raises(DataFormatError, match=r"semseg/data/0000\.png: label ids .* outside \[0, 4\)"):
         module.chance_metrics(dm)
