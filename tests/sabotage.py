@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import time
@@ -17,19 +19,94 @@ class Sabotage(pl.Callback):
 
     Args:
         at_step: Optimizer step after which to act.
-        action: "raise", "signal:<NAME>" (the process signals itself), "poison" (set every weight to NaN, as a
-            diverging optimizer step does, so the next loss is non-finite) or "marker" (write ``marker``, then
-            sleep, so that a test can signal the process from outside).
-        marker: File written when acting; its presence also keeps a resumed run from acting again.
+        action: One of
+
+            - "raise";
+            - "signal:<NAME>": the process signals itself after the training batch of ``at_step``;
+            - "signal-in-scoring:<NAME>": it signals itself inside the second batch of the teacher's scoring pass
+              that runs at ``at_step`` (0: the pass a resumed run makes before training);
+            - "signal-in-validation:<NAME>": it signals itself as the second batch of the validation at ``at_step``
+              starts;
+            - "sigint-twice": after the training batch of ``at_step``, SIGINT, then a long wait (a slow batch) in
+              which a second SIGINT comes;
+            - "poison": set every weight to NaN, as a diverging optimizer step does, so the next loss is non-finite;
+            - "marker": write ``marker``, then sleep, so that a test can signal the process from outside.
+        marker: File written when acting; its presence also keeps a resumed run from acting again. The signalling
+            actions other than "signal:" write JSON: the pid, the time of the signal, and ``batches_after_signal``,
+            the batches of the interrupted pass (scoring or validation) that started after the signal.
     """
 
     def __init__(self, *, at_step: int, action: str, marker: str) -> None:
         self.at_step, self.action, self.marker = at_step, action, Path(marker)
+        self.kind, _, name = action.partition(":")
+        self.signum = getattr(signal, name) if name else None
+        self._fired = False
+        self._pass_batch = 0
+        self._record: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step == self.at_step and not self.marker.exists() and not self._fired
+
+    def _fire(self, trainer: pl.Trainer, signum: int) -> None:
+        """Signals this process (rank 0 only); the batch in flight goes on."""
+        self._fired = True
+        self._record = {"pid": os.getpid(), "signal_time": time.time(), "batches_after_signal": 0}
+        if trainer.is_global_zero:
+            self.marker.write_text(json.dumps(self._record))
+            os.kill(os.getpid(), signum)
+
+    def _count_batch_after_signal(self, trainer: pl.Trainer) -> None:
+        self._record["batches_after_signal"] += 1
+        if trainer.is_global_zero:
+            self.marker.write_text(json.dumps(self._record))
+
+    def _on_pass_batch(self, trainer: pl.Trainer) -> None:
+        """A batch of the watched pass starts: signal at its second batch, count the batches after that."""
+        if self._fired:
+            self._count_batch_after_signal(trainer)
+        elif self._due(trainer):
+            self._pass_batch += 1
+            if self._pass_batch == 2:
+                self._fire(trainer, self.signum)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.kind != "signal-in-scoring" or stage != "fit":
+            return
+        score_batch = pl_module.score_batch
+
+        @functools.wraps(score_batch)  # keeps its signature, which the teacher inspects
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            self._on_pass_batch(trainer)
+            return score_batch(*args, **kwargs)
+
+        pl_module.score_batch = watched  # the real scoring still runs: this only watches it
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pass_batch = 0
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.kind == "signal-in-validation" and not trainer.sanity_checking:
+            self._on_pass_batch(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
+        if self.kind in ("signal-in-scoring", "signal-in-validation"):
+            self._pass_batch = 0  # a scoring pass follows training batches: count its batches from its first
+            return
         if trainer.global_step != self.at_step or self.marker.exists():
+            return
+        if self.kind == "sigint-twice":
+            self._fire(trainer, signal.SIGINT)
+            stop = next(cb for cb in trainer.callbacks if hasattr(cb, "received"))
+            for _ in range(600):  # a slow batch: the second Ctrl-C must end it at once
+                if stop.received is not None and trainer.is_global_zero:
+                    os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
             return
         if trainer.is_global_zero:
             self.marker.write_text(str(os.getpid()))
@@ -40,9 +117,9 @@ class Sabotage(pl.Callback):
                 for param in pl_module.parameters():
                     param.fill_(float("nan"))
             return
-        if self.action.startswith("signal:"):
+        if self.kind == "signal":
             if trainer.is_global_zero:
-                os.kill(os.getpid(), getattr(signal, self.action.split(":", 1)[1]))
+                os.kill(os.getpid(), self.signum)
             return
         if self.action == "marker":  # the test signals the process from outside meanwhile
             stop = next(cb for cb in trainer.callbacks if hasattr(cb, "received"))

@@ -11,15 +11,45 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from attent_vision.tasks.callbacks import ValidateLastEpoch
 from attent_vision.tasks.checkpointing import find_resume_checkpoint
+from attent_vision.tasks.stops import GracefulStop, RunStopped
 
-from .conftest import ROOT, TINY_OVERRIDES, read_summary, run_train
+from .conftest import (
+    ROOT,
+    TINY_OVERRIDES,
+    assert_resumed_history_matches,
+    copy_run,
+    read_summary,
+    run_train,
+    shared_run,
+)
 
 LONGER = [*TINY_OVERRIDES, "trainer.max_epochs=4", "data.num_workers=0"]
+
+# A run whose teacher scores: epoch 0 trains on all 48 samples (steps 1-6), a scoring pass of 6 batches at step 6
+# selects epoch 1 (step 7), another at step 7 selects epoch 2 (steps 8-11), epoch 3 is full again (steps 12-17).
+# Epochs 1 and 3 are validated, in 4 batches. Deterministic, so that a resumed run can match an uninterrupted one.
+SELECTING = [
+    *(a for a in TINY_OVERRIDES if not a.startswith("selection=")),
+    "selection=soft",
+    "selection.total_cycles=2",
+    "interval=fixed",
+    "interval.initial=1",
+    "trainer.max_epochs=4",
+    "trainer.check_val_every_n_epoch=2",
+    "scoring.batch_size=8",
+    "data.synthetic.num_val=32",
+    "trainer.deterministic=true",
+]
 
 
 def _sabotage(action: str, step: int, marker: Path) -> list[str]:
@@ -40,6 +70,34 @@ def _steps(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
 
 
+def _events(run_dir: Path) -> list[dict]:
+    """The teacher's selections (selection.jsonl) without their timings."""
+    lines = (run_dir / "selection.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("time_s")} for line in lines]
+
+
+@pytest.fixture(scope="session")
+def selecting_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted SELECTING run (its run directory), which the stopped and resumed ones must match."""
+
+    def build(cwd: Path) -> None:
+        run_train([*SELECTING, "hydra.run.dir=outputs/pretrain/runs/full"], cwd=cwd)
+
+    run_dir = (
+        shared_run(tmp_path_factory, "stops-selecting", build) / "outputs" / "pretrain" / "runs" / "full"
+    )
+    # The scenario the tests below rely on: scoring passes at steps 6 and 7, validations after epochs 1 and 3.
+    history = read_summary(run_dir)["history"]
+    assert [(h["optimizer_steps"], h.get("val_loss") is not None) for h in history] == [
+        (6, False),
+        (7, True),
+        (11, False),
+        (17, True),
+    ]
+    assert [e["global_step"] for e in _events(run_dir)] == [6, 7]
+    return run_dir
+
+
 @pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130), ("SIGUSR1", 138)])
 def test_a_stop_signal_checkpoints_exits_nonzero_and_the_rerun_resumes(
     tmp_path: Path, name: str, code: int
@@ -53,6 +111,8 @@ def test_a_stop_signal_checkpoints_exits_nonzero_and_the_rerun_resumes(
     assert _steps(stopped) == 10  # the batch in flight finished, then the state was saved
     summary = read_summary(run_dir)
     assert summary["status"] == "stopped" and summary["stop"]["signal"] == name
+    if name != "SIGTERM":
+        return  # the signals differ only up to here: one re-run (SIGTERM's) checks the resume
     rows_before = len(_rows(run_dir))
 
     again = run_train([*args, *_sabotage(f"signal:{name}", 9, tmp_path / "fired")], cwd=tmp_path)
@@ -70,6 +130,207 @@ def test_a_stop_signal_checkpoints_exits_nonzero_and_the_rerun_resumes(
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
+def test_a_stop_during_an_epochs_last_batch_lets_that_epoch_end_before_stopping(tmp_path: Path) -> None:
+    """A checkpoint taken after the last batch would resume at the next epoch, skipping this one's end (its summary
+    record, the teacher's selection, its checkpoint): the stop waits for them and comes before the next batch."""
+    run_dir = tmp_path / "run"
+    args = [*LONGER, f"hydra.run.dir={run_dir}"]
+    proc = run_train([*args, *_sabotage("signal:SIGTERM", 11, tmp_path / "fired")], cwd=tmp_path, check=False)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Stopped by SIGTERM at epoch 2, step 12" in proc.stderr  # epoch 2 started, without a batch
+    assert [h["epoch"] for h in read_summary(run_dir)["history"]] == [0, 1]
+    # The stop checkpoint is the state at epoch 1's end, exactly as the epoch's own checkpoint holds it.
+    checkpoints = run_dir / "checkpoints"
+    stopped, epoch_end = (
+        torch.load(checkpoints / name, map_location="cpu", weights_only=False)
+        for name in ("stopped.ckpt", "epoch_001.ckpt")
+    )
+    assert stopped["global_step"] == epoch_end["global_step"] == 12
+    assert stopped["loops"] == epoch_end["loops"]
+    assert stopped["state_dict"].keys() == epoch_end["state_dict"].keys()
+    assert all(torch.equal(v, epoch_end["state_dict"][k]) for k, v in stopped["state_dict"].items())
+    again = run_train(args, cwd=tmp_path)
+    assert "Resuming from checkpoints/stopped.ckpt (epoch 2, step 12)" in again.stderr
+    summary = read_summary(run_dir)
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2, 3] and summary["optimizer_steps"] == 24
+
+
+def test_a_stop_during_the_scoring_pass_ends_it_within_a_batch_and_the_reruns_score_anew(
+    tmp_path: Path, selecting_run: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = [*SELECTING, f"hydra.run.dir={run_dir}"]
+    stopped = run_dir / "checkpoints" / "stopped.ckpt"
+    # SIGTERM lands in the second of the 6 batches of the pass at step 6 (the end of epoch 0).
+    first = run_train(
+        [*args, *_sabotage("signal-in-scoring:SIGTERM", 6, tmp_path / "m1")], cwd=tmp_path, check=False
+    )
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert "Stopped by SIGTERM at epoch 0, step 6" in first.stderr and "Traceback" not in first.stderr
+    # The batch in flight finished; none of the 4 left started.
+    assert json.loads((tmp_path / "m1").read_text())["batches_after_signal"] == 0
+    state = torch.load(stopped, map_location="cpu", weights_only=False)
+    teacher = state["callbacks"]["AtteNTTeacher"]
+    assert state["global_step"] == 6 and teacher["prepared_epoch"] == 0 and teacher["scoring_passes"] == 0
+    written = stopped.stat().st_mtime_ns
+
+    # The re-run repeats the pass before training; SIGTERM in it stops it too, and the state is still stopped.ckpt.
+    second = run_train(
+        [*args, *_sabotage("signal-in-scoring:SIGTERM", 0, tmp_path / "m2")], cwd=tmp_path, check=False
+    )
+    assert second.returncode == 143, second.stderr[-3000:]
+    assert "Resuming from checkpoints/stopped.ckpt (epoch 0, step 6)" in second.stderr
+    assert f"Stopped by SIGTERM at epoch 1, step 6. The state is saved in {stopped};" in second.stderr
+    assert json.loads((tmp_path / "m2").read_text())["batches_after_signal"] == 0
+    assert stopped.stat().st_mtime_ns == written  # nothing was trained: nothing new to save
+
+    third = run_train(args, cwd=tmp_path)
+    assert "Resuming from checkpoints/stopped.ckpt (epoch 0, step 6)" in third.stderr
+    resumed, full = read_summary(run_dir), read_summary(selecting_run)
+    assert [s["status"] for s in resumed["sessions"]] == ["stopped", "stopped", "finished"]
+    assert [s["optimizer_steps"] for s in resumed["sessions"]] == [6, 6, 17]
+    assert _events(run_dir) == _events(selecting_run)  # the same selections from the same scores
+    assert resumed["scoring_passes"] == full["scoring_passes"] == 2  # the interrupted passes are not counted
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert_resumed_history_matches(resumed["history"], full["history"])
+
+
+def test_a_stop_during_validation_ends_it_within_a_batch_and_the_rerun_validates_anew(
+    tmp_path: Path, selecting_run: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = [*SELECTING, f"hydra.run.dir={run_dir}"]
+    # SIGTERM lands in the second of the 4 batches of epoch 1's validation (after step 7).
+    proc = run_train(
+        [*args, *_sabotage("signal-in-validation:SIGTERM", 7, tmp_path / "m")], cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Stopped by SIGTERM at epoch 1, step 7" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "m").read_text())["batches_after_signal"] == 0
+    assert _steps(run_dir / "checkpoints" / "stopped.ckpt") == 7
+    assert [h["epoch"] for h in read_summary(run_dir)["history"]] == [0]  # epoch 1 did not end
+
+    again = run_train(args, cwd=tmp_path)
+    assert "Resuming from checkpoints/stopped.ckpt (epoch 1, step 7)" in again.stderr
+    resumed, full = read_summary(run_dir), read_summary(selecting_run)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3] and resumed["optimizer_steps"] == 17
+    # Epoch 1's validation ran anew, on the same weights; then its end hooks selected epoch 2 as before.
+    epoch_1 = {h["epoch"]: h for h in resumed["history"]}[1]
+    assert epoch_1["val_loss"] == pytest.approx(full["history"][1]["val_loss"], rel=1e-6)
+    assert _events(run_dir) == _events(selecting_run)
+    # Epoch 1's mean training loss is gone with the stopped process (its one batch is not trained again).
+    assert_resumed_history_matches([h for h in resumed["history"] if h["epoch"] != 1], full["history"])
+    assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-6)
+
+
+class _Regression(pl.LightningModule):
+    """Linear regression on fixed random data: 4 training and 4 validation batches per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.linear(x), y)
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", nn.functional.mse_loss(self.linear(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def _loader(self, seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(16, 2, generator=generator), torch.randn(16, 1, generator=generator)
+        return DataLoader(TensorDataset(x, y), batch_size=4)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1)
+
+
+class _ValidationBatches(pl.Callback):
+    """Notes (epoch, batch) of every validation batch that starts; signals SIGTERM as ``signal_at`` starts."""
+
+    def __init__(self, signal_at: tuple[int, int] | None = None) -> None:
+        self.signal_at = signal_at
+        self.started: list[tuple[int, int]] = []
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        self.started.append((trainer.current_epoch, batch_idx))
+        if (trainer.current_epoch, batch_idx) == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_run_stopped_in_its_last_epochs_validation_validates_that_epoch_when_resumed(
+    tmp_path: Path,
+) -> None:
+    """Validating every 5th epoch, a two-epoch run validates only its last (ValidateLastEpoch): a run resumed inside
+    that epoch, whose start hooks do not run again, validates it all the same, from its first batch."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def trainer(*callbacks: pl.Callback) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=2,
+            check_val_every_n_epoch=5,
+            num_sanity_val_steps=0,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[GracefulStop(dirpath=str(tmp_path / "checkpoints")), ValidateLastEpoch(), *callbacks],
+        )
+
+    watched = _ValidationBatches(signal_at=(1, 1))
+    with pytest.raises(RunStopped):
+        trainer(watched).fit(_Regression())
+    assert watched.started == [(1, 0), (1, 1)]  # stopped as the third batch was due
+    assert signal.getsignal(signal.SIGTERM) is before  # the fit put the handlers back
+    stopped = tmp_path / "checkpoints" / "stopped.ckpt"
+    assert _steps(stopped) == 8
+
+    resumed, watched = _Regression(), _ValidationBatches()
+    again = trainer(watched)
+    again.fit(resumed, ckpt_path=stopped)
+    assert watched.started == [(1, 0), (1, 1), (1, 2), (1, 3)] and again.global_step == 8
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "fired"
+    # After step 9: SIGINT, then a slow batch (a minute) during which SIGINT comes again.
+    proc = run_train(
+        [*LONGER, f"hydra.run.dir={run_dir}", *_sabotage("sigint-twice", 9, marker)],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    ended = time.time()
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert ended - json.loads(marker.read_text())["signal_time"] < 30  # not after the slow batch
+    checkpoints = run_dir / "checkpoints"
+    assert (
+        f"Stopped by SIGINT at epoch 1, step 9. The state is saved in {checkpoints / 'epoch_000.ckpt'};"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    # The state of an interrupted step is never saved: the re-run resumes from the last checkpoint before it.
+    assert not (checkpoints / "stopped.ckpt").exists() and not (checkpoints / "on_exception.ckpt").exists()
+    summary = read_summary(run_dir)
+    assert summary["status"] == "stopped" and summary["stop"]["signal"] == "SIGINT"
+    point = find_resume_checkpoint(run_dir)
+    assert point is not None and (point.path.name, point.epoch, point.global_step) == ("epoch_000.ckpt", 0, 6)
+
+
 def test_an_exception_leaves_the_trained_state_and_a_traceback_file(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*LONGER, f"hydra.run.dir={run_dir}"]
@@ -84,44 +345,54 @@ def test_an_exception_leaves_the_trained_state_and_a_traceback_file(tmp_path: Pa
     assert read_summary(run_dir)["status"] == "finished"
 
 
-def test_a_diverging_run_keeps_its_state_apart_and_a_sane_rerun_starts_clean(tmp_path: Path) -> None:
+def test_a_diverging_run_keeps_its_state_apart_and_the_rerun_resumes_from_the_last_good_checkpoint(
+    tmp_path: Path,
+) -> None:
     run_dir = tmp_path / "run"
-    proc = run_train([*LONGER, "model.blr=1e6", f"hydra.run.dir={run_dir}"], cwd=tmp_path, check=False)
+    args = [*LONGER, f"hydra.run.dir={run_dir}"]
+    # After step 8 (epoch 0 ended at step 6, with its checkpoint) every weight turns NaN: step 9's loss diverges.
+    proc = run_train([*args, *_sabotage("poison", 8, tmp_path / "fired")], cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "The training loss became non-finite" in proc.stderr and "never resumed from" in proc.stderr
+    assert "The last good checkpoint is checkpoints/epoch_000.ckpt (epoch 0, step 6)" in proc.stderr
     assert "Traceback" not in proc.stderr
-    diverged = list((run_dir / "checkpoints" / "diverged").glob("step_*.ckpt"))
-    assert len(diverged) == 1 and not (run_dir / "checkpoints" / "on_exception.ckpt").exists()
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in (checkpoints / "diverged").iterdir()] == ["step_0000008.ckpt"]
+    assert not (checkpoints / "on_exception.ckpt").exists()
     assert read_summary(run_dir)["status"] == "diverged"
-    # The diverged state is no candidate: a rerun with a sane learning rate trains from the last good state.
-    last_good = find_resume_checkpoint(run_dir)
-    again = run_train([*LONGER, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    if last_good is None:
-        assert "Resuming" not in again.stderr
-    else:
-        assert "diverged" not in str(last_good.path)
+    # The diverged state is no candidate: the re-run trains on from the last good one.
+    again = run_train(args, cwd=tmp_path)
+    assert "Resuming from checkpoints/epoch_000.ckpt (epoch 0, step 6)" in again.stderr
     summary = read_summary(run_dir)
-    assert summary["status"] == "finished" and summary["final_val_loss"] < 50
+    assert (
+        summary["status"] == "finished"
+        and summary["optimizer_steps"] == 24
+        and summary["final_val_loss"] < 50
+    )
 
 
-def test_checkpoints_that_do_not_load_stop_the_rerun_unless_restart_is_asked(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_checkpoints_that_do_not_load_stop_the_rerun_unless_restart_is_asked(
+    tmp_path: Path, smoke_run: tuple[Path, Path]
+) -> None:
+    cwd = copy_run(smoke_run[0], tmp_path / "work")  # a finished tiny run of its own
+    run_dir = cwd / smoke_run[1].relative_to(smoke_run[0])
     args = [*TINY_OVERRIDES, f"hydra.run.dir={run_dir}"]
-    run_train(args, cwd=tmp_path)
     for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
         if not ckpt.is_symlink():
             ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
-    proc = run_train(args, cwd=tmp_path, check=False)
+    proc = run_train(args, cwd=cwd, check=False)
     assert proc.returncode == 1 and "none of them loads" in proc.stderr and "resume=restart" in proc.stderr
-    run_train([*args, "resume=restart"], cwd=tmp_path)
+    run_train([*args, "resume=restart"], cwd=cwd)
     assert list((run_dir / "checkpoints").glob("set_aside_*/*.ckpt"))
     assert read_summary(run_dir)["status"] == "finished"
 
 
-def test_a_dangling_last_link_falls_back_to_the_newest_epoch_file(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    args = [*LONGER, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"]
-    run_train(args, cwd=tmp_path)
+def test_a_dangling_last_link_falls_back_to_the_newest_epoch_file(
+    tmp_path: Path, smoke_run: tuple[Path, Path]
+) -> None:
+    cwd = copy_run(smoke_run[0], tmp_path / "work")  # a finished two-epoch tiny run of its own
+    run_dir = cwd / smoke_run[1].relative_to(smoke_run[0])
+    args = [*TINY_OVERRIDES, f"hydra.run.dir={run_dir}"]
     checkpoints = run_dir / "checkpoints"
     epoch_file = checkpoints / "epoch_001.ckpt"
     older = checkpoints / "epoch_000.ckpt"
@@ -129,7 +400,7 @@ def test_a_dangling_last_link_falls_back_to_the_newest_epoch_file(tmp_path: Path
     epoch_file.unlink()  # last.ckpt now dangles, as a kill between Lightning's delete and re-link left it
     point = find_resume_checkpoint(run_dir)
     assert point is not None and point.path == older.resolve()
-    proc = run_train([*args, "trainer.max_epochs=3"], cwd=tmp_path)
+    proc = run_train([*args, "trainer.max_epochs=3"], cwd=cwd)
     assert "Resuming from checkpoints/epoch_000.ckpt" in proc.stderr
 
 
@@ -137,7 +408,6 @@ def test_kill9_right_after_a_checkpoint_never_loses_the_run(tmp_path: Path) -> N
     run_dir = tmp_path / "run"
     args = [*LONGER, "trainer.max_epochs=6", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "ATTENT_DATA_DIR": str(tmp_path / "data"), "ATTENT_LOG_DIR": str(tmp_path / "out")}
-    run_train(["experiment=smoke", "print_plan=true"], cwd=tmp_path)  # data-free warm-up of the imports cache
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -146,8 +416,11 @@ def test_kill9_right_after_a_checkpoint_never_loses_the_run(tmp_path: Path) -> N
     target = run_dir / "checkpoints" / "epoch_002.ckpt"
     while not target.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.002)
+    assert target.exists(), "train.py never wrote epoch_002.ckpt"
+    assert proc.poll() is None, f"train.py ended ({proc.returncode}) before it was killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it died by the kill, mid-run
     last = run_dir / "checkpoints" / "last.ckpt"
     assert not last.is_symlink() or last.resolve().is_file(), "last.ckpt dangles"
     point = find_resume_checkpoint(run_dir)

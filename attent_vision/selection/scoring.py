@@ -27,6 +27,7 @@ from attent_vision.selection.contracts import (
     missing,
 )
 from attent_vision.selection.score_bank import ScoreBank
+from attent_vision.tasks.stops import stop_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ class FullPassScorer(Scorer):
         try:
             with torch.no_grad():
                 for batch in self._loader:
+                    # A pass over a large set takes minutes, longer than a scheduler's grace time after SIGTERM:
+                    # a stop signal ends it after the batch in flight (the resumed run scores anew).
+                    stop_if_requested(trainer)
                     batch = module.transfer_batch_to_device(batch, module.device, 0)
                     with self._precision(trainer, module):
                         scores.append(module.score_batch(batch, **options).float())

@@ -48,6 +48,7 @@ class RunSummary(pl.Callback):
         self.history: list[dict[str, Any]] = []
         self.previous_sessions: list[dict[str, Any]] = []
         self.resumed_from: str | None = None
+        self._resumed_step = 0
         self._epoch_start = 0.0
         self._val_start = 0.0
         self._val_time = 0.0
@@ -60,6 +61,7 @@ class RunSummary(pl.Callback):
     def resume(self, checkpoint: str, global_step: int) -> None:
         """Continues the summary of the run this process resumes, from a checkpoint at ``global_step``."""
         self.resumed_from = checkpoint
+        self._resumed_step = global_step
         try:
             previous = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -73,6 +75,8 @@ class RunSummary(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
+        # Again at on_train_start; from here for a run stopped before it (during the resume's scoring pass).
+        self._samples_at_start = getattr(pl_module, "samples_seen", 0) or 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run resumed mid-epoch skips on_train_epoch_start for that epoch; samples_seen is cumulative.
@@ -123,13 +127,18 @@ class RunSummary(pl.Callback):
         trained_here = (samples or 0) - self._samples_at_start
         train_time = sum(e["train_time_s"] for e in self.history)
         val_time = sum(e.get("val_time_s", 0.0) for e in self.history)
+        steps, epochs = trainer.global_step, trainer.current_epoch
+        if steps < self._resumed_step:
+            # Stopped before Lightning restored its loops (in the resume's scoring pass): nothing moved since the
+            # checkpoint, whose completed epochs are those of the history kept.
+            steps, epochs = self._resumed_step, len(self.history)
         session = {
             "status": status,
             "resumed_from": self.resumed_from,
             "wall_time_s": round(now - self.run_start, 3),
             "scoring_time_s": round(self._scoring_time(trainer) - self._scoring_at_start, 3),
             "samples_processed": trained_here,
-            "optimizer_steps": trainer.global_step,
+            "optimizer_steps": steps,
         }
         sessions = [*self.previous_sessions, session]
         totals = {
@@ -145,8 +154,8 @@ class RunSummary(pl.Callback):
             "train_time_s": round(train_time, 3),  # training batches only: no validation, no scoring
             "val_time_s": round(val_time, 3),
             "samples_seen": samples,
-            "optimizer_steps": trainer.global_step,
-            "epochs": trainer.current_epoch,  # completed epochs (absolute, so a resumed run counts from 0)
+            "optimizer_steps": steps,
+            "epochs": epochs,  # completed epochs (absolute, so a resumed run counts from 0)
             "train_images_per_s": round(trained_here / train_time, 2)
             if trained_here and train_time
             else None,
@@ -207,6 +216,10 @@ class ValidateLastEpoch(pl.Callback):
     """Validates the last epoch whatever ``trainer.check_val_every_n_epoch`` is, so that a run validating every k
     epochs (a fixed cost cut, docs/benchmarks.md) still ends with its final validation loss and metrics; Lightning
     itself validates only the epochs divisible by k."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed inside its last epoch (a stop mid-epoch or during validation) skips that epoch's start.
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
