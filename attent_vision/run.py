@@ -32,7 +32,12 @@ from attent_vision.tasks.checkpointing import (
     set_aside_checkpoints,
 )
 from attent_vision.tasks.loggers import ResumableCSVLogger, truncate_metrics
-from attent_vision.tasks.stops import GracefulStop, forward_signals_to_workers, restore_signal_handlers
+from attent_vision.tasks.stops import (
+    GracefulStop,
+    RunStopped,
+    forward_signals_to_workers,
+    restore_signal_handlers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +197,15 @@ def prepare_resume(point: ResumePoint | None, summary_cb: Any, loggers: list[Any
             truncate_metrics(Path(logger.log_dir) / "metrics.csv", last_step=point.global_step)
 
 
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """The exception and the ones it was raised from or during."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def ending_of(error: BaseException, cfg: DictConfig) -> RunEnded:
     """Turns an exception out of ``trainer.fit`` into a message and an exit status, from what the run recorded."""
     run_dir = Path(cfg.paths.output_dir)
@@ -201,6 +215,12 @@ def ending_of(error: BaseException, cfg: DictConfig) -> RunEnded:
         summary = {}
     status = summary.get("status", "failed")
     stop = summary.get("stop") or {}
+    stopped = next((e for e in _chain(error) if isinstance(e, RunStopped)), None)
+    if stopped is not None and status not in ("stopped", "requeued"):
+        # Only rank 0 writes summary.json; another rank (or rank 0 before the write) knows the stop from the
+        # exception itself.
+        status = "requeued" if stopped.requeue else "stopped"
+        stop = {"signal": signal.Signals(stopped.signum).name, "checkpoint": stopped.checkpoint, **stop}
     where = f"epoch {summary.get('epochs', '?')}, step {summary.get('optimizer_steps', '?')}"
     rerun = f"re-running the same command with hydra.run.dir={run_dir} resumes from it"
     try:
@@ -210,17 +230,26 @@ def ending_of(error: BaseException, cfg: DictConfig) -> RunEnded:
     if status in ("stopped", "requeued"):
         name = stop.get("signal", "a signal")
         signum = getattr(signal, name, signal.SIGTERM)
+        saved = stop.get("checkpoint")
         if status == "requeued":
-            return RunEnded(
-                f"Stopped by {name} for a requeue at {where}: the state is saved in {stop.get('checkpoint')}, and the "
-                f"requeued job resumes from it in {run_dir}.",
-                0,
-                requeue=True,
+            state = (
+                f"the state is saved in {saved}, and the requeued job resumes from it"
+                if saved
+                else ("nothing was trained yet (no checkpoint), and the requeued job starts afresh")
             )
+            return RunEnded(
+                f"Stopped by {name} for a requeue at {where}: {state} in {run_dir}.", 0, requeue=True
+            )
+        state = (
+            f"The state is saved in {saved}; {rerun}"
+            if saved
+            else (
+                "Nothing was trained yet, so no checkpoint was written; re-running the command starts afresh"
+            )
+        )
         return RunEnded(
-            f"Stopped by {name} at {where}. The state is saved in {stop.get('checkpoint')}; {rerun}. (SLURM sends "
-            "SIGTERM when a job reaches its time limit: raise the time, or let jobs requeue, see 'Run on a cluster' "
-            "in the README.)",
+            f"Stopped by {name} at {where}. {state}. (SLURM sends SIGTERM when a job reaches its time limit: raise "
+            "the time, or let jobs requeue, see 'Run on a cluster' in the README.)",
             128 + int(signum),
         )
     error_text = summary.get("error") or f"{type(error).__name__}: {error}"

@@ -24,8 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from attent_vision.cli import run_entry_point
-from attent_vision.run import RunEnded
-from attent_vision.tasks.stops import request_requeue
+from attent_vision.run import RunEnded, ending_of
+from attent_vision.tasks.stops import RunStopped, request_requeue
 
 from .conftest import TINY_OVERRIDES, read_summary, run_train
 
@@ -125,6 +125,27 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="two gloo ranks on localhost, as srun would start them")
+def test_a_rank_that_reads_no_summary_yet_takes_the_stop_from_the_exception(tmp_path: Path) -> None:
+    """Only rank 0 writes summary.json; another rank that ends first (or reads it over a slow shared file system)
+    still ends as requeued, exit 0, rather than "Training failed" with exit 1 and an error.txt."""
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}, "model": {}})
+    checkpoint = str(tmp_path / "checkpoints" / "stopped.ckpt")
+    try:
+        raise RuntimeError("in the fit loop") from RunStopped(10, checkpoint, True)  # SIGUSR1, requeue
+    except RuntimeError as error:
+        ended = ending_of(error, cfg)
+    assert (ended.exit_code, ended.requeue) == (0, True), str(ended)
+    assert f"Stopped by SIGUSR1 for a requeue at epoch ?, step ?: the state is saved in {checkpoint}" in str(
+        ended
+    )
+    assert not (tmp_path / "error.txt").exists()
+    stopped = ending_of(RunStopped(15, None, False), cfg)  # SIGTERM before any checkpoint existed
+    assert stopped.exit_code == 143 and "Nothing was trained yet, so no checkpoint was written" in str(
+        stopped
+    )
+    assert "saved in None" not in str(stopped)
+
+
 def test_sigusr1_in_a_two_rank_array_task_saves_and_only_rank_0_requeues(tmp_path: Path) -> None:
     bin_dir, log = _fake_scontrol(tmp_path)
     signal_at, stop_step = 4, 5  # the batch in flight when the signal lands finishes, then the state is saved
