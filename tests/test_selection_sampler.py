@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attent_vision.selection.sampler import SubsetSampler
+from attent_vision.data.sampler import SubsetSampler
 from attent_vision.selection.score_bank import ScoreBank
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,6 +87,22 @@ def test_set_epoch_reshuffles_and_same_epoch_reproduces() -> None:
     fresh = SubsetSampler(200, seed=7)
     fresh.set_epoch(1)
     assert list(fresh) == e1
+
+
+def test_a_resumed_epoch_skips_only_in_that_epoch_and_only_once() -> None:
+    """skip_in_epoch waits for set_epoch of its epoch: iterating before it (Lightning's set-up checks) uses nothing
+    up, the epoch then yields the rest of its order, and the next iteration is whole again."""
+    reference = SubsetSampler(40, seed=3, num_replicas=2, rank=1)
+    reference.set_epoch(2)
+    whole = list(reference)
+    sampler = SubsetSampler(40, seed=3, num_replicas=2, rank=1)
+    sampler.skip_in_epoch(2, 6)
+    assert len(list(sampler)) == 20  # epoch 0 order, not armed yet
+    sampler.set_epoch(1)
+    assert len(list(sampler)) == 20
+    sampler.set_epoch(2)
+    assert list(sampler) == whole[6:]
+    assert list(sampler) == whole  # used once
 
 
 def test_seed_changes_the_order() -> None:

@@ -25,7 +25,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment as timm_auto_augment
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from .constants import SEG_IGNORE_INDEX
 from .folder import MultiModalFolder
 from .modalities import DataFormatError, read_rgb
+from .sampler import SubsetSampler
 from .synthetic_downstream import ensure_classification_scenes, ensure_nyu_like_scenes
 from .validate import ValidationReport, validate_folder, validate_image_folder
 
@@ -201,7 +202,14 @@ class DenseTransform:
 
 
 class _ShardedLoaders(pl.LightningDataModule):
-    """Loader plumbing shared by the downstream DataModules (sharding under DDP, seeded shuffling)."""
+    """Loader plumbing shared by the downstream DataModules: sharding under DDP, and a training order that is a
+    function of (seed, epoch) which a resumed run continues where the checkpoint left it.
+
+    Training batches come from a ``SubsetSampler`` over the whole set: each epoch's order is drawn from the seed and
+    the epoch (the same on every rank; rank r takes every W-th sample), so it does not depend on how many epochs
+    this process has iterated. The checkpoint records the batches trained (``state_dict``); a run resumed from a
+    checkpoint taken mid-epoch skips that epoch's trained samples, as an uninterrupted run would not see them again.
+    """
 
     def __init__(
         self, *, batch_size: int, eval_batch_size: int | None, num_workers: int, pin_memory: bool, seed: int
@@ -214,6 +222,7 @@ class _ShardedLoaders(pl.LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._resume_batches = 0  # training batches of the checkpoint this run resumes from
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -224,16 +233,17 @@ class _ShardedLoaders(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         world, rank = self._world()
         sampler: Sampler[int] | None = None
-        if world > 1 and train:
-            sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
-            )
+        if train:
+            sampler = SubsetSampler(len(dataset), seed=self.seed, num_replicas=world, rank=rank)
+            if self._resume_batches:
+                per_epoch = len(sampler) // self.batch_size  # drop_last
+                epoch, done = divmod(self._resume_batches, max(per_epoch, 1))
+                sampler.skip_in_epoch(epoch, done * self.batch_size)
         elif world > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
@@ -244,6 +254,17 @@ class _ShardedLoaders(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training batches done when the checkpoint is taken (optimizer steps x accumulation)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {"train_batches": int(trainer.global_step) * int(trainer.accumulate_grad_batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores this before it builds the train loader (configure_optimizers sizes the schedule).
+        self._resume_batches = int(state_dict.get("train_batches", 0))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

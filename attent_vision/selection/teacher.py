@@ -40,7 +40,7 @@ from attent_vision.selection.plan import (
     plan_totals,
     resolve_estimate,
 )
-from attent_vision.selection.sampler import SubsetSampler
+from attent_vision.data.sampler import SubsetSampler
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 from attent_vision.selection.score_bank import ScoreBank
 from attent_vision.selection.scoring import FullPassScorer, Scorer

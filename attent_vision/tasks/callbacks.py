@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from attent_vision.tasks.rng_capture import RngStateCapture
+
 log = logging.getLogger(__name__)
 
 
@@ -371,7 +373,8 @@ def run_callbacks(
 
     ``train.py`` and ``finetune.py`` always write ``summary.json`` (the report, resume accounting and the tests read
     it) and always clean up ``ddp_spawn`` process groups, whatever the ``callbacks`` group holds (``callbacks=none``
-    included), so both are added here rather than configured. The order: the summary first (its epoch times then
+    included), so both are added here rather than configured, and so is the RNG-state capture that makes a resumed
+    run draw what an uninterrupted one would. The order: the summary first (its epoch times then
     exclude the pictures drawn at epoch end; ``build_trainer`` still puts the stop handler before it), the
     configured callbacks, ``last`` (the AtteNT teacher), the last-epoch validation, then the process-group cleanup,
     whose teardown ends
@@ -403,4 +406,6 @@ def run_callbacks(
             others.append(callback)
     if summary is None:
         summary = summary_type(output_dir=output_dir)
-    return [summary, *others, ValidateLastEpoch(), cleanup or SpawnedProcessGroupCleanup()], summary
+    others = [c for c in others if not isinstance(c, RngStateCapture)]  # one capture: the one added here
+    callbacks = [summary, *others, ValidateLastEpoch(), RngStateCapture(), cleanup or SpawnedProcessGroupCleanup()]
+    return callbacks, summary

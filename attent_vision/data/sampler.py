@@ -1,4 +1,5 @@
-"""Epoch sampler over the teacher's current pool (a subset or the whole set), sharded across ranks."""
+"""Epoch sampler over a pool of dataset indices (the teacher's subset, or the whole set), sharded across ranks,
+reshuffled per (seed, epoch) and able to resume an epoch part-way."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class SubsetSampler(Sampler[int]):
         self.epoch = 0
         self.pool = torch.arange(num_samples, dtype=torch.int64)
         self._skip = 0
+        self._pending_skip: tuple[int, int] | None = None
 
     def set_pool(self, indices: Tensor) -> None:
         """Use ``indices`` (int64 dataset indices) as the pool of the coming epochs."""
@@ -53,6 +55,15 @@ class SubsetSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self._pending_skip is not None and self._pending_skip[0] == epoch:
+            self.skip_next(self._pending_skip[1])
+            self._pending_skip = None
+
+    def skip_in_epoch(self, epoch: int, num_samples: int) -> None:
+        """Leave out the first ``num_samples`` of this rank's shard when epoch ``epoch`` is iterated (resuming it
+        part-way). Armed by ``set_epoch(epoch)``, which Lightning calls right before the epoch's iteration, so a
+        loader that is iterated earlier (Lightning's set-up checks) does not use it up."""
+        self._pending_skip = (epoch, num_samples)
 
     def skip_next(self, num_samples: int) -> None:
         """Leave out the first ``num_samples`` of this rank's shard in the next iteration only (resuming an epoch
