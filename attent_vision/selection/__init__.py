@@ -3,6 +3,7 @@
 Model-agnostic: it knows sample indices and per-sample scores only (the contract is in ``contracts.py``).
 """
 
+from attent_vision.data.sampler import SubsetSampler
 from attent_vision.selection.contracts import (
     LabelledDataModule,
     PlannedSchedule,
@@ -25,7 +26,6 @@ from attent_vision.selection.plan import (
     subset_size,
 )
 from attent_vision.selection.resizing import StepRemap
-from attent_vision.data.sampler import SubsetSampler
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 from attent_vision.selection.score_bank import ScoreBank
 from attent_vision.selection.scoring import FullPassScorer, OnlineScorer, Scorer

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from attent_vision.data.sampler import SubsetSampler
 from attent_vision.seeds import stream_seed
 from attent_vision.selection import rng_state
 from attent_vision.selection.contracts import (
@@ -40,7 +41,6 @@ from attent_vision.selection.plan import (
     plan_totals,
     resolve_estimate,
 )
-from attent_vision.data.sampler import SubsetSampler
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 from attent_vision.selection.score_bank import ScoreBank
 from attent_vision.selection.scoring import FullPassScorer, Scorer
