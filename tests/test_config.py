@@ -20,6 +20,7 @@ from attent_vision.tasks.callbacks import (
     ValidateLastEpoch,
     run_callbacks,
 )
+from attent_vision.tasks.rng_capture import RngStateCapture
 from tests.conftest import CONF_DIR, TINY_OVERRIDES, read_summary, run_train
 
 
@@ -212,12 +213,18 @@ def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
         assert summary.path == Path(cfg.paths.output_dir) / "summary.json"
         assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in callbacks) == 1
         # the summary first (its epoch times close before the pictures draw), the teacher after the configured ones
-        assert callbacks[0] is summary and callbacks[-3] is teacher
+        assert callbacks[0] is summary and callbacks[-4] is teacher
+        assert sum(isinstance(cb, RngStateCapture) for cb in callbacks) == 1
         assert isinstance(callbacks[-1], SpawnedProcessGroupCleanup)
     callbacks, summary = run_callbacks(
         [RunSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
     )
-    assert [type(cb) for cb in callbacks] == [FinetuneSummary, ValidateLastEpoch, SpawnedProcessGroupCleanup]
+    assert [type(cb) for cb in callbacks] == [
+        FinetuneSummary,
+        ValidateLastEpoch,
+        RngStateCapture,
+        SpawnedProcessGroupCleanup,
+    ]
     assert summary.path == Path("b", "summary.json")
 
 

@@ -407,5 +407,11 @@ def run_callbacks(
     if summary is None:
         summary = summary_type(output_dir=output_dir)
     others = [c for c in others if not isinstance(c, RngStateCapture)]  # one capture: the one added here
-    callbacks = [summary, *others, ValidateLastEpoch(), RngStateCapture(), cleanup or SpawnedProcessGroupCleanup()]
+    callbacks = [
+        summary,
+        *others,
+        ValidateLastEpoch(),
+        RngStateCapture(),
+        cleanup or SpawnedProcessGroupCleanup(),
+    ]
     return callbacks, summary
