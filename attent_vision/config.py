@@ -42,11 +42,20 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def _auto_precision() -> str:
-    # bf16 autocast on GPUs; fp32 on CPUs. On CPUs with native bf16 (cpu_has_native_bf16) bf16-mixed is faster, but
-    # whether the default run keeps its quality in bf16 is not yet measured (docs/benchmarks.md, section 8): there
-    # build_trainer logs a hint and trainer.precision=bf16-mixed opts in.
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+def auto_precision(*, cuda: bool | None = None, cpuinfo: str | None = None) -> str:
+    """``trainer=default``'s precision: bf16 autocast on GPUs and on CPUs that compute bf16 natively, else fp32.
+
+    On a CPU with AMX (2 cores, torch 2.14.1) the default run took 161 s in bf16-mixed against 195 s in fp32 and
+    ended at the same validation loss (2.2012 vs 2.2019) and fine-tuned mIoU (81.96 vs 81.97); without native
+    support bf16 autocast is emulated and about 12x slower than fp32 (docs/benchmarks.md, section 8).
+
+    Args:
+        cuda: Whether a GPU is present; None asks torch.
+        cpuinfo: ``/proc/cpuinfo``'s text; None reads it.
+    """
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return "bf16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16(cpuinfo) else "32-true"
 
 
 def _token_fraction(modalities: list[str], input_size: int, patch_size: int, denominator: int) -> int:
@@ -80,7 +89,7 @@ def _run_stamp(pattern: str) -> str:
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("auto_precision"):
-        OmegaConf.register_new_resolver("auto_precision", _auto_precision)
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", _run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("short_dirname"):

@@ -139,8 +139,12 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
     on_cpu = isinstance(trainer.accelerator, CPUAccelerator)
-    if on_cpu and str(trainer.precision).startswith("32") and cpu_has_native_bf16():
-        log.info("this CPU computes bf16 natively: trainer.precision=bf16-mixed is likely faster")
+    if on_cpu and str(trainer.precision).startswith("bf16") and not cpu_has_native_bf16():
+        log.warning(
+            "trainer.precision=%s on a CPU without native bf16 (no AVX512-BF16, AMX or Arm BF16 flag): autocast is "
+            "emulated and much slower than 32-true",
+            trainer.precision,
+        )
     return trainer
 
 

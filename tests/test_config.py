@@ -336,6 +336,20 @@ def test_callbacks_none_still_writes_the_summary(tmp_path: Path):
     assert "run summary (summary.json):" in proc.stdout
 
 
+def test_trainer_default_picks_bf16_on_gpus_and_native_bf16_cpus_else_fp32(compose_cfg):
+    from attent_vision.config import auto_precision
+
+    amx = "flags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n"
+    avx2 = "flags\t\t: fpu sse avx2 fma\n"
+    assert auto_precision(cuda=False, cpuinfo=amx) == "bf16-mixed"
+    assert auto_precision(cuda=False, cpuinfo="Features\t: fp asimd bf16\n") == "bf16-mixed"  # Arm
+    assert auto_precision(cuda=False, cpuinfo=avx2) == "32-true"
+    assert auto_precision(cuda=True, cpuinfo=avx2) == "bf16-mixed"  # GPUs unchanged
+    # The config asks this machine (trainer=default); trainer=cpu (the smoke preset) stays 32-bit everywhere.
+    assert compose_cfg().trainer.precision == auto_precision()
+    assert compose_cfg("trainer=cpu").trainer.precision == "32-true"
+
+
 def test_native_bf16_is_read_from_the_cpu_flags():
     from attent_vision.config import cpu_has_native_bf16
 
