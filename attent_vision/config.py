@@ -190,6 +190,43 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
 
 
 FINETUNE_TASKS = ("cls", "semseg", "depth")
+PROBES = ("knn", "linear")
+
+
+def validate_probe_config(cfg: DictConfig) -> None:
+    """``probe=knn|linear``: the probe fits the task, and no fine-tuning-only option is set with it."""
+    probe, task = cfg.probe, cfg.task.name
+    name = probe.get("name")
+    _require(name in PROBES, "probe", f"{name!r} is not one of {['none', *PROBES]}")
+    _require(
+        name != "knn" or task == "cls",
+        "probe",
+        f"probe=knn votes over class labels and needs task=cls (got task={task}); use probe=linear for {task}",
+    )
+    _require(
+        not cfg.get("eval_only"),
+        "probe",
+        f"probe={name} trains no model to evaluate later: drop eval_only=true (the probe evaluates as it runs)",
+    )
+    _require(
+        cfg.get("ckpt_path") is None,
+        "probe",
+        f"probe={name} neither resumes nor evaluates a fine-tuning checkpoint: drop ckpt_path and give the "
+        "encoder with pretrained=<run dir or checkpoint>",
+    )
+    _require(bool(str(probe.get("report_column") or "")), "probe.report_column", "must name a column")
+    method = probe.method
+    if name == "knn":
+        _require(int(method.k) >= 1, "probe.method.k", f"must be >= 1, got {method.k}")
+        _require(
+            float(method.temperature) > 0,
+            "probe.method.temperature",
+            f"must be > 0, got {method.temperature}",
+        )
+    else:
+        for key in ("epochs", "batch_size", "eval_every"):
+            _require(int(method[key]) >= 1, f"probe.method.{key}", f"must be >= 1, got {method[key]}")
+        _require(float(method.blr) > 0, "probe.method.blr", f"must be > 0, got {method.blr}")
 
 
 def validate_finetune_config(cfg: DictConfig) -> None:
@@ -197,6 +234,8 @@ def validate_finetune_config(cfg: DictConfig) -> None:
     require_set_values(cfg)
     task, data, module = cfg.task, cfg.data, cfg.module
     _require(task.name in FINETUNE_TASKS, "task", f"{task.name!r} is not one of {list(FINETUNE_TASKS)}")
+    if cfg.get("probe") is not None:
+        validate_probe_config(cfg)
     inputs = list(module.net.in_domains)
     allowed = ["rgb"] if task.name == "cls" else ["rgb", "depth"] if task.name == "semseg" else ["rgb"]
     _require(

@@ -14,7 +14,12 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from attent_vision.config import ConfigError, validate_finetune_config
-from attent_vision.models.checkpoint import MissingEncoderWeightsError, load_pretrained, resolve_checkpoint
+from attent_vision.models.checkpoint import (
+    LoadReport,
+    MissingEncoderWeightsError,
+    load_pretrained,
+    resolve_checkpoint,
+)
 from attent_vision.run import (
     build_trainer,
     check_data,
@@ -67,6 +72,26 @@ def record_downstream(run_dir: Path, column: str, value: float, details: dict[st
     return target
 
 
+def resolve_pretrained(cfg: DictConfig) -> Path | None:
+    """The checkpoint file behind ``pretrained=`` (a run directory resolves to its last checkpoint), or None."""
+    if cfg.get("pretrained") is None:
+        return None
+    try:
+        return resolve_checkpoint(str(cfg.pretrained))
+    except FileNotFoundError as error:
+        raise ConfigError(f"pretrained: {error}") from None
+
+
+def load_encoder(net: Any, source: Path, output_dir: Path) -> LoadReport:
+    """Loads the pretrained encoder into ``net``, writing ``<output_dir>/load_report.json``."""
+    try:
+        report = load_pretrained(net, source, report_path=output_dir / "load_report.json")
+    except MissingEncoderWeightsError as error:
+        raise ConfigError(f"pretrained: {error}") from None
+    log.info("pretrained weights: %s (details in load_report.json)", report.summary())
+    return report
+
+
 def _settings(cfg: DictConfig) -> dict[str, Any]:
     data = cfg.data
     return {
@@ -97,14 +122,14 @@ def _print_result(
 
 
 def run_finetuning(cfg: DictConfig) -> float | None:
-    """Fine-tune (or evaluate) as configured; returns the final value of the task's main metric."""
+    """Fine-tune (or evaluate, or probe with ``probe=knn|linear``) as configured; returns the final value of the
+    task's main metric."""
     validate_finetune_config(cfg)
-    source = None
-    if cfg.get("pretrained") is not None:
-        try:
-            source = resolve_checkpoint(str(cfg.pretrained))
-        except FileNotFoundError as error:
-            raise ConfigError(f"pretrained: {error}") from None
+    if cfg.get("probe") is not None:
+        from attent_vision.tasks.probe_run import run_probe  # it imports this module's helpers
+
+        return run_probe(cfg)
+    source = resolve_pretrained(cfg)
     resume_from = None if cfg.get("eval_only") else resume_checkpoint(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -115,11 +140,7 @@ def run_finetuning(cfg: DictConfig) -> float | None:
     module = hydra.utils.instantiate(cfg.module, _convert_="all")
     report = None
     if source is not None and resume_from is None:
-        try:
-            report = load_pretrained(module.net, source, report_path=output_dir / "load_report.json")
-        except MissingEncoderWeightsError as error:
-            raise ConfigError(f"pretrained: {error}") from None
-        log.info("pretrained weights: %s (details in load_report.json)", report.summary())
+        report = load_encoder(module.net, source, output_dir)
     elif resume_from is None:
         log.info("no pretrained weights: training from scratch")
     chance = module.chance_metrics(datamodule)

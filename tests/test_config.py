@@ -95,7 +95,7 @@ BUILT = {
         "logger",
         "trainer",
     },
-    "finetune": {"data", "module", "callbacks", "logger", "trainer"},
+    "finetune": {"data", "module", "probe", "callbacks", "logger", "trainer"},
 }
 
 
@@ -168,6 +168,8 @@ def test_every_group_option_composes_and_instantiates(
         hydra.utils.instantiate(cfg.model if script == "train" else cfg.module, _convert_="all")
     if script == "train":
         last = [build_teacher(cfg)]  # the selector, scorer and schedules inside it
+    elif cfg.get("probe") is not None:
+        hydra.utils.instantiate(cfg.probe.method, _convert_="all")  # as run_probe builds it
     hydra.utils.instantiate(cfg.data, _convert_="all")
     callbacks, summary = run_callbacks(
         instantiate_group(cfg.get("callbacks")),
