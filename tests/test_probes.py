@@ -306,7 +306,9 @@ def _probed(
     return result.final[main], setup.module.chance_metrics(setup.datamodule)[main]
 
 
+# One xdist worker for the tests of the learned encoder: the other would only wait on its build's lock.
 @pytest.mark.slow
+@pytest.mark.xdist_group("probe-pretrain")
 @pytest.mark.parametrize(("probe", "task"), PROBES)
 def test_probes_of_a_pretrained_encoder_beat_chance(
     compose_finetune, learned_encoder: Path, margin_data: Path, probe: str, task: str
@@ -318,6 +320,7 @@ def test_probes_of_a_pretrained_encoder_beat_chance(
 # The dense probes are left out: no pretraining affordable here beats a random encoder on them reliably (semseg
 # needed 100 epochs for +7 mIoU, depth's delta1 stayed within a point of random init even then).
 @pytest.mark.slow
+@pytest.mark.xdist_group("probe-pretrain")
 @pytest.mark.parametrize(("probe", "task"), [("knn", "cls"), ("linear", "cls")])
 def test_classification_probes_tell_a_pretrained_encoder_from_a_random_one(
     compose_finetune, learned_encoder: Path, margin_data: Path, probe: str, task: str
