@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -37,6 +36,7 @@ from tests.toy_selection import (
     ToyDataModule,
     isolate_master_port,
     known_scores,
+    toy_trainer,
 )
 
 NUM_SAMPLES = 64  # even, and k = 16 and 32: both world sizes plan the same subset sizes
@@ -68,18 +68,11 @@ def fit(out_dir: Path, selection: str, **trainer_kwargs) -> AtteNTTeacher:
         output_dir=str(out_dir),
         plot=False,
     )
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS[selection],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        reload_dataloaders_every_n_epochs=1,
-        default_root_dir=out_dir,
+    trainer = toy_trainer(
+        out_dir,
         # the cleanup destroys each forked worker's process group before it exits
-        callbacks=[teacher, ShardRecorder(str(out_dir / "shards")), SpawnedProcessGroupCleanup()],
+        [teacher, ShardRecorder(str(out_dir / "shards")), SpawnedProcessGroupCleanup()],
+        max_epochs=EPOCHS[selection],
         **trainer_kwargs,
     )
     trainer.fit(KnownScoreRegressor(SCORES), datamodule=ToyDataModule(num_samples=NUM_SAMPLES, batch_size=4))

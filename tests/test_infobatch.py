@@ -8,7 +8,6 @@ from itertools import pairwise
 from pathlib import Path
 
 import hydra
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from attent_vision.selection.infobatch import anneal_start, infobatch_plan, prun
 from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.tasks.pretrain import weighted_task_loss
 from tests.conftest import assert_resumed_history_matches, ddp_strategy, read_summary, run_train
-from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor, isolate_master_port
+from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor, isolate_master_port, toy_trainer
 
 
 def skewed_losses(num: int, seed: int = 0) -> torch.Tensor:
@@ -152,17 +151,10 @@ def infobatch_teacher(tmp_path: Path, **kwargs) -> AtteNTTeacher:
 def fit_toy(
     tmp_path: Path, teacher: AtteNTTeacher, *, num_samples: int, extra_callbacks=(), **trainer_kwargs
 ) -> None:
-    trainer = pl.Trainer(
+    trainer = toy_trainer(
+        tmp_path,
+        [teacher, ShardRecorder(str(tmp_path / "shards")), *extra_callbacks],
         max_epochs=8,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        reload_dataloaders_every_n_epochs=1,
-        default_root_dir=tmp_path,
-        callbacks=[teacher, ShardRecorder(str(tmp_path / "shards")), *extra_callbacks],
         **trainer_kwargs,
     )
     trainer.fit(ToyRegressor(), datamodule=ToyDataModule(num_samples=num_samples, batch_size=4))

@@ -36,6 +36,7 @@ from tests.toy_selection import (
     ToyDataModule,
     ToyRegressor,
     isolate_master_port,
+    toy_trainer,
 )
 
 SCORERS = {"full": FullPassScorer, "online": OnlineScorer}
@@ -52,22 +53,6 @@ def make_teacher(tmp_path: Path, *, selector=None, scoring: str = "full", **kwar
         plot=False,
     )
     return AtteNTTeacher(**{**defaults, **kwargs})
-
-
-def toy_trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=kwargs.pop("max_epochs", 7),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        reload_dataloaders_every_n_epochs=1,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 def test_teacher_drives_a_non_multimae_module(tmp_path):

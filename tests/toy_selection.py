@@ -188,3 +188,21 @@ class LossProportional(CycleSelector):
 
     def choose(self, scores: torch.Tensor, k: int, *, generator: torch.Generator) -> torch.Tensor:
         return torch.multinomial(scores.clamp_min(1e-12), k, replacement=False, generator=generator)
+
+
+def toy_trainer(root: Path, callbacks: list, *, max_epochs: int = 7, **kwargs) -> pl.Trainer:
+    """A CPU Trainer the teacher accepts (its own sampler, loaders re-requested every epoch), with nothing written
+    but what the callbacks write under ``root``."""
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        reload_dataloaders_every_n_epochs=1,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **kwargs,
+    )
