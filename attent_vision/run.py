@@ -23,6 +23,7 @@ from attent_vision.data.validate import clean_worker_error
 from attent_vision.selection import AtteNTTeacher, EpochPlan
 from attent_vision.tasks.callbacks import RunSummary, run_callbacks
 from attent_vision.tasks.checkpointing import (
+    AsyncAtomicCheckpointIO,
     AtomicCheckpointIO,
     NoLoadableCheckpointError,
     ResumePoint,
@@ -130,9 +131,9 @@ class RunEnded(Exception):
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    """The configured Trainer with atomic checkpoint writes added to its plugins."""
+    """The configured Trainer with atomic (by default asynchronous) checkpoint writes added to its plugins."""
     plugins = [hydra.utils.instantiate(p) for p in (cfg.trainer.get("plugins") or [])]
-    plugins.append(AtomicCheckpointIO())
+    plugins.append(AsyncAtomicCheckpointIO() if cfg.get("async_checkpoints", True) else AtomicCheckpointIO())
     # The stop handler first: the summary written on an exception then already knows how the run stopped.
     callbacks = sorted(callbacks, key=lambda cb: not isinstance(cb, GracefulStop))
     trainer = hydra.utils.instantiate(

@@ -1132,6 +1132,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["probe"],
         help="evaluation stages: probe (default), finetune, all, or stage names",
     )
+    parser.add_argument(
+        "--pretrain-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train.py overrides added to every pretraining run (a candidate learner setting, e.g. "
+        "model.blr=3e-3); seeds are refused",
+    )
     parser.add_argument("--out", type=Path, help="default: outputs/bench/table3[_<schedule>]")
     parser.add_argument(
         "--jobs",
@@ -1173,6 +1181,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     sizes = sizes_for(schedule, out)
+    refuse_seed_overrides(args.pretrain_set)
+    sizes.pretrain.extend(args.pretrain_set)
     margins = margins_for(schedule)
     jobs = args.jobs or (2 if args.quick else 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)

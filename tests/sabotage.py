@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import signal
@@ -30,7 +31,10 @@ class Sabotage(pl.Callback):
             - "sigint-twice": after the training batch of ``at_step``, SIGINT, then a long wait (a slow batch) in
               which a second SIGINT comes;
             - "poison": set every weight to NaN, as a diverging optimizer step does, so the next loss is non-finite;
-            - "marker": write ``marker``, then sleep, so that a test can signal the process from outside.
+            - "marker": write ``marker``, then sleep, so that a test can signal the process from outside;
+            - "stall-write": the next checkpoint write (in the background writer thread) writes half its temporary
+              file, writes ``marker`` and then hangs, while training goes on, so that a test can kill the process
+              in the middle of an asynchronous write.
         marker: File written when acting; its presence also keeps a resumed run from acting again. The signalling
             actions other than "signal:" write JSON: the pid, the time of the signal, and ``batches_after_signal``,
             the batches of the interrupted pass (scoring or validation) that started after the signal.
@@ -108,6 +112,11 @@ class Sabotage(pl.Callback):
                     os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.1)
             return
+        if self.action == "stall-write":
+            if not self._fired:
+                self._fired = True
+                self._stall_next_write(trainer)  # it writes the marker once the write has stalled
+            return
         if trainer.is_global_zero:
             self.marker.write_text(str(os.getpid()))
         if self.action == "raise":
@@ -127,3 +136,20 @@ class Sabotage(pl.Callback):
                 if stop.received is not None:
                     return
                 time.sleep(0.1)
+
+    def _stall_next_write(self, trainer: pl.Trainer) -> None:
+        atomic = (
+            trainer.strategy.checkpoint_io.checkpoint_io
+        )  # AsyncAtomicCheckpointIO wraps AtomicCheckpointIO
+        marker = self.marker
+
+        def stalled(checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # where atomic_torch_save writes
+            payload = io.BytesIO()
+            torch.save(checkpoint, payload)
+            tmp.write_bytes(payload.getvalue()[: len(payload.getvalue()) // 2])
+            marker.write_text(json.dumps({"pid": os.getpid(), "path": str(path)}))
+            time.sleep(600)
+
+        atomic.save_checkpoint = stalled

@@ -430,6 +430,48 @@ def test_kill9_right_after_a_checkpoint_never_loses_the_run(tmp_path: Path) -> N
     assert read_summary(run_dir)["status"] == "finished" and read_summary(run_dir)["epochs"] == 6
 
 
+def test_kill9_during_an_asynchronous_checkpoint_write_resumes_from_the_last_complete_one(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "stalled"
+    args = [*LONGER, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "ATTENT_DATA_DIR": str(tmp_path / "data"), "ATTENT_LOG_DIR": str(tmp_path / "out")}
+    # Step 8 is in epoch 1 (6 steps per epoch): epoch 0's write completes, epoch 1's hangs half-written in the
+    # writer thread while the training thread goes on.
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, *_sabotage("stall-write", 8, marker)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), (
+        f"the write never stalled: {proc.stderr.read()[-3000:] if proc.poll() is not None else ''}"
+    )
+    checkpoints = run_dir / "checkpoints"
+    partial = list(checkpoints.glob(".epoch_001.ckpt.tmp-*"))
+    assert partial, (
+        f"no half-written temporary file: {marker.read_text()} {sorted(p.name for p in checkpoints.iterdir())}"
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (checkpoints / "epoch_001.ckpt").exists()
+    last = checkpoints / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == (checkpoints / "epoch_000.ckpt").resolve(), (
+        "last.ckpt must still point to the last complete file"
+    )
+    assert _steps(last) == 6
+    point = find_resume_checkpoint(run_dir)
+    assert point is not None and (point.epoch, point.global_step) == (0, 6)
+    again = run_train(args, cwd=tmp_path)
+    assert "Resuming from checkpoints/epoch_000.ckpt (epoch 0, step 6)" in again.stderr, again.stderr[-2000:]
+    assert not list(checkpoints.glob(".*.tmp-*")), "the rerun leaves no partial write behind"
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished" and summary["epochs"] == 4
+
+
 def test_ddp_spawn_crash_checkpoint_comes_from_the_workers_and_the_rerun_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*LONGER, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={run_dir}"]

@@ -2,6 +2,9 @@
 
 - :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file, syncs it and renames it into place, so a
   checkpoint file is either complete or absent.
+- :class:`AsyncAtomicCheckpointIO` does those writes in a background thread while training goes on, and runs the
+  file operations that depend on a write (re-pointing ``last.ckpt``, deleting the superseded file) after it, in
+  order, so that a kill at any moment still leaves ``last.ckpt`` pointing to a complete file.
 - :class:`SafeModelCheckpoint` re-points ``last.ckpt`` atomically and deletes a superseded epoch file only after
   ``last.ckpt`` points to its successor, so ``last.ckpt`` never dangles.
 - :func:`find_resume_checkpoint` picks the newest checkpoint of a run directory that actually loads (epoch files,
@@ -11,23 +14,28 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DIVERGED_DIR",
+    "AsyncAtomicCheckpointIO",
     "AtomicCheckpointIO",
     "NoLoadableCheckpointError",
     "ResumePoint",
@@ -37,6 +45,7 @@ __all__ = [
     "find_resume_checkpoint_file",
     "remove_partial_writes",
     "set_aside_checkpoints",
+    "wait_for_checkpoint_writes",
 ]
 
 DIVERGED_DIR = "diverged"
@@ -82,6 +91,70 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+class AsyncAtomicCheckpointIO(AsyncCheckpointIO):
+    """Atomic checkpoint writes in one background thread, with the file operations that depend on them queued behind.
+
+    The caller's thread takes a deep copy of the checkpoint (tensors and the mutable Python state that callbacks
+    hand in, such as the teacher's histories), so training can change its state at once; the write, the rename, and
+    then any operation queued with :meth:`after_writes` (``last.ckpt`` re-pointing, deleting superseded files) run in
+    submission order. At most one write is pending: a save waits for the previous one, so memory holds at most two
+    copies and a slow disk slows training instead of piling up copies. After a failed write nothing queued behind it
+    runs (``last.ckpt`` keeps pointing to the last complete file) and the next save, wait or teardown raises it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(AtomicCheckpointIO())
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        self.wait()
+        snapshot = copy.deepcopy(checkpoint)
+        self.after_writes(self.checkpoint_io.save_checkpoint, snapshot, path, storage_options)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.after_writes(self.checkpoint_io.remove_checkpoint, path)
+
+    def after_writes(self, operation: Callable[..., Any], *args: Any) -> Future:
+        """Runs ``operation(*args)`` in the writer thread once every write submitted before it is complete."""
+        self._raise_error()
+        self._ensure_setup()
+        assert self._executor is not None
+        return self._executor.submit(self._unless_failed, operation, *args)
+
+    def _unless_failed(self, operation: Callable[..., Any], *args: Any) -> None:
+        if self._error is not None:
+            return  # an earlier write failed: nothing that depends on it may run
+        try:
+            operation(*args)
+        except BaseException as error:
+            self._error = error
+
+    def wait(self) -> None:
+        """Blocks until every queued write and file operation is done; raises a failed write's error."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"a checkpoint write in the background failed: {error}") from error
+
+    def teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._raise_error()
+
+
+def wait_for_checkpoint_writes(trainer: pl.Trainer) -> None:
+    """Returns once every checkpoint the trainer has saved is complete on disk (a no-op with synchronous writes)."""
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if isinstance(checkpoint_io, AsyncAtomicCheckpointIO):
+        checkpoint_io.wait()
+
+
 class SafeModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` always points to a complete file.
 
@@ -107,14 +180,11 @@ class SafeModelCheckpoint(ModelCheckpoint):
     @staticmethod
     def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
-                shutil.rmtree(linkpath)
-            tmp = f"{linkpath}.tmp-link"
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            os.replace(tmp, linkpath)
-            _fsync_dir(Path(linkpath).parent)
+            checkpoint_io = trainer.strategy.checkpoint_io
+            if isinstance(checkpoint_io, AsyncAtomicCheckpointIO):
+                checkpoint_io.after_writes(_swap_link, filepath, linkpath)  # only once its target is complete
+            else:
+                _swap_link(filepath, linkpath)
         trainer.strategy.barrier()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -128,6 +198,18 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         self._delete_superseded(trainer)
+
+
+def _swap_link(filepath: str, linkpath: str) -> None:
+    """Points ``linkpath`` to ``filepath`` with one atomic rename of a fresh relative symlink."""
+    if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+        shutil.rmtree(linkpath)
+    tmp = f"{linkpath}.tmp-link"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+    os.replace(tmp, linkpath)
+    _fsync_dir(Path(linkpath).parent)
 
 
 class NoLoadableCheckpointError(RuntimeError):

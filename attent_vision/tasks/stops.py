@@ -38,6 +38,7 @@ from attent_vision.tasks.checkpointing import (
     NoLoadableCheckpointError,
     atomic_torch_save,
     find_resume_checkpoint,
+    wait_for_checkpoint_writes,
 )
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class GracefulStop(pl.Callback):
             elif at == "epoch start":
                 epoch_not_started(checkpoint)
             trainer.strategy.save_checkpoint(checkpoint, path)
+            wait_for_checkpoint_writes(trainer)  # on disk before the scheduler may kill or requeue the job
             trainer.strategy.barrier("GracefulStop.stopped_ckpt")
         else:
             # Before the first training step of this process (the resume's scoring pass, the sanity check): the

@@ -1,0 +1,104 @@
+"""Asynchronous atomic checkpoint writes: snapshot semantics, ordering of the operations that depend on a write, and
+what happens after a failed write. (A kill -9 in the middle of a real run's asynchronous write: test_stops.)"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, _swap_link
+
+
+def _gated(io: AsyncAtomicCheckpointIO, gate: threading.Event, fail: bool = False) -> list[str]:
+    """Makes the wrapped atomic writer wait for ``gate`` (and then fail, if asked); returns the paths it wrote."""
+    atomic = io.checkpoint_io
+    real_save = atomic.save_checkpoint
+    written: list[str] = []
+
+    def save(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        assert gate.wait(30), "the test never opened the gate"
+        if fail:
+            raise OSError(28, "No space left on device")
+        real_save(checkpoint, path, storage_options)
+        written.append(Path(path).name)
+
+    atomic.save_checkpoint = save
+    return written
+
+
+def test_the_written_checkpoint_is_the_state_at_the_call_not_at_the_write(tmp_path: Path) -> None:
+    io = AsyncAtomicCheckpointIO()
+    gate = threading.Event()
+    _gated(io, gate)
+    weights = torch.zeros(4)
+    history = [{"epoch": 0}]
+    io.save_checkpoint({"state_dict": {"w": weights}, "history": history}, tmp_path / "a.ckpt")
+    weights += 7  # training goes on while the write waits
+    history.append({"epoch": 1})
+    gate.set()
+    io.wait()
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    assert torch.equal(saved["state_dict"]["w"], torch.zeros(4))
+    assert saved["history"] == [{"epoch": 0}]
+    io.teardown()
+
+
+def test_link_and_removal_wait_for_the_write_they_depend_on(tmp_path: Path) -> None:
+    io = AsyncAtomicCheckpointIO()
+    old = tmp_path / "epoch_000.ckpt"
+    torch.save({"epoch": 0}, old)
+    link = tmp_path / "last.ckpt"
+    _swap_link(str(old), str(link))
+    gate = threading.Event()
+    written = _gated(io, gate)
+    new = tmp_path / "epoch_001.ckpt"
+    io.save_checkpoint({"epoch": 1}, new)
+    io.after_writes(_swap_link, str(new), str(link))
+    io.remove_checkpoint(old)
+    # While the write is pending: the old file and the link to it stay, so a kill now loses nothing.
+    assert link.resolve() == old.resolve() and old.exists() and not new.exists()
+    gate.set()
+    io.wait()
+    assert written == ["epoch_001.ckpt"]
+    assert link.resolve() == new.resolve() and not old.exists()
+    assert torch.load(link, weights_only=False) == {"epoch": 1}
+    io.teardown()
+
+
+def test_after_a_failed_write_nothing_that_depends_on_it_runs_and_the_error_surfaces(tmp_path: Path) -> None:
+    io = AsyncAtomicCheckpointIO()
+    old = tmp_path / "epoch_000.ckpt"
+    torch.save({"epoch": 0}, old)
+    link = tmp_path / "last.ckpt"
+    _swap_link(str(old), str(link))
+    gate = threading.Event()
+    _gated(io, gate, fail=True)
+    new = tmp_path / "epoch_001.ckpt"
+    io.save_checkpoint({"epoch": 1}, new)
+    io.after_writes(_swap_link, str(new), str(link))
+    io.remove_checkpoint(old)
+    gate.set()
+    with pytest.raises(RuntimeError, match="checkpoint write in the background failed: .*No space left"):
+        io.wait()
+    assert link.resolve() == old.resolve() and old.exists() and not new.exists()
+    io.teardown()  # the error was reported once; teardown does not raise it again
+
+
+def test_a_save_waits_for_the_previous_write_so_copies_never_pile_up(tmp_path: Path) -> None:
+    io = AsyncAtomicCheckpointIO()
+    gate = threading.Event()
+    written = _gated(io, gate)
+    io.save_checkpoint({"epoch": 0}, tmp_path / "epoch_000.ckpt")
+    second = threading.Thread(target=io.save_checkpoint, args=({"epoch": 1}, tmp_path / "epoch_001.ckpt"))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second save returned while the first write was still pending"
+    gate.set()
+    second.join(30)
+    io.wait()
+    assert written == ["epoch_000.ckpt", "epoch_001.ckpt"]
+    io.teardown()
