@@ -82,7 +82,7 @@ def test_after_a_failed_write_nothing_that_depends_on_it_runs_and_the_error_surf
     io.after_writes(_swap_link, str(new), str(link))
     io.remove_checkpoint(old)
     gate.set()
-    with pytest.raises(RuntimeError, match="checkpoint write in the background failed: .*No space left"):
+    with pytest.raises(RuntimeError, match=r"checkpoint write in the background failed: .*No space left"):
         io.wait()
     assert link.resolve() == old.resolve() and old.exists() and not new.exists()
     io.teardown()  # the error was reported once; teardown does not raise it again

@@ -19,10 +19,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
