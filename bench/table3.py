@@ -141,6 +141,9 @@ ROWS = [
 # Not in any default set: the bf16 quality check of the default row (its time is only meaningful on a CPU with
 # native bf16 or a GPU; elsewhere autocast emulates bf16).
 EXTRA_ROWS = [
+    # The precision check of the full-data row: fp32 against the default precision (bf16-mixed on a GPU or a CPU with
+    # native bf16; on other CPUs both rows are fp32 and the pair only measures run-to-run noise).
+    Row("full_fp32", "full data, fp32", overrides=("selection=none", "trainer.precision=32-true")),
     Row(
         "soft_bf16",
         "AtteNT soft, bf16 autocast",
@@ -148,7 +151,7 @@ EXTRA_ROWS = [
         "incremental",
         "full",
         ("selection=soft", *INCR, "trainer.precision=bf16-mixed"),
-    )
+    ),
 ]
 ALL_ROWS = {row.name: row for row in ROWS + EXTRA_ROWS}
 # The settings the project's default may take (difficulty-aware AtteNT: which scoring, how often, which schedule);
@@ -532,6 +535,22 @@ class ChildCost:
     system_s: float
 
 
+def machine() -> str:
+    """What a wall time depends on: the CPU model, its core count, and whether it computes bf16 natively."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from attent_vision.config import cpu_has_native_bf16
+
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{model}, {os.cpu_count()} cores, {bf16}"
+
+
 def run_child(command: list[str], log: Path, env: dict | None = None) -> ChildCost:
     """Runs ``command`` with its output in ``log`` and measures its CPU time with ``os.wait4``: the rusage of that
     one child (and what it reaped), unlike RUSAGE_CHILDREN deltas, which a parallel run's exit would contaminate."""
@@ -603,6 +622,8 @@ def pretrain_numbers(summary: dict, run_dir: Path, cost: dict) -> dict:
         "pretrain_time_s": summary["wall_time_s"],
         "process_wall_s": cost.get("wall_s"),
         "cpu_s": cost.get("cpu_s"),
+        "machine": cost.get("machine"),
+        "threads": cost.get("threads"),
         "samples_seen": summary["samples_seen"],
         "optimizer_steps": summary.get("optimizer_steps"),
         "scoring_passes": passes,
@@ -671,7 +692,9 @@ def run_row(
             summary = finished(pretrained)
             if summary is None:
                 raise RunFailed(f"{pretrained}/summary.json does not say finished")
-            (job / "pretrain.cost.json").write_text(json.dumps(asdict(cost)))
+            (job / "pretrain.cost.json").write_text(
+                json.dumps({**asdict(cost), "machine": machine(), "threads": threads})
+            )
             pretrained_now = True
         result["overrides"] = overrides
         result.update(pretrain_numbers(summary, pretrained, read_cost(job / "pretrain.cost.json")))
@@ -685,7 +708,9 @@ def run_row(
             summary = finished(stage_dir, ("finished", "evaluated"))
             if summary is None:
                 raise RunFailed(f"{stage_dir}/summary.json does not say finished")
-            (job / f"{stage.name}.cost.json").write_text(json.dumps(asdict(cost)))
+            (job / f"{stage.name}.cost.json").write_text(
+                json.dumps({**asdict(cost), "machine": machine(), "threads": threads})
+            )
         numbers = eval_numbers(stage, summary, read_cost(job / f"{stage.name}.cost.json"))
         result["downstream"].update(numbers["downstream"])
         result["chance"].update(numbers["chance"])
@@ -1201,6 +1226,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{MARGIN_K} x a pilot's full-data seed std): {json.dumps(margins)}. Benchmark took "
         f"{time.perf_counter() - start:.0f} s."
     )
+    measured_on = sorted(
+        {
+            f"{r.get('machine')} ({r.get('threads')} thread(s))"
+            for r in results.values()
+            if r.get("pretrain_dir")
+        }
+    )
+    if len(measured_on) > 1:
+        header += f" **The pretraining runs were measured on different machines or thread counts**: {measured_on}; compare their times with care."
+    elif measured_on:
+        header += f" Pretraining measured on: {measured_on[0]}."
     (out / "table3.md").write_text(f"{header}\n\n{body}\n")
     settings = {
         "schedule": schedule,
