@@ -83,6 +83,13 @@ def main() -> None:
         default=[""],
         help="space-separated overrides per variant ('' = the defaults)",
     )
+    parser.add_argument(
+        "--subset-ratio",
+        type=float,
+        default=0.5,
+        help="also show each part's share of an AtteNT subset epoch that trains this fraction of the samples "
+        "(default 0.5; the default schedule's ratios grow from 0.2 to 1): the training steps shrink, the rest not",
+    )
     parser.add_argument("overrides", nargs="*", help="after --: overrides common to every variant")
     args = parser.parse_args()
     common = ["selection=none", f"trainer.max_epochs={args.epochs}", *args.overrides]
@@ -109,6 +116,15 @@ def main() -> None:
     for row in table:
         cells = [f"{row['per_epoch_s'][n]:.3f} ({100 * row['share'][n]:.1f}%)" for n in names]
         print(f"| {row['variant']} | {row['fit_s']:.1f} | " + " | ".join(cells) + " |")
+    ratio = args.subset_ratio
+    print(f"\nshare of a subset epoch at ratio {ratio:g} (training steps x {ratio:g}, every other part unchanged)\n")
+    print("| variant | subset epoch (s) | " + " | ".join(names[1:]) + " |")
+    print("|---|---|" + "---|" * (len(names) - 1))
+    for row in table:
+        per_epoch = row["per_epoch_s"]
+        subset = ratio * per_epoch[names[0]] + sum(per_epoch[n] for n in names[1:])
+        cells = [f"{100 * per_epoch[n] / subset:.1f}%" for n in names[1:]]
+        print(f"| {row['variant']} | {subset:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def test_every_row_of_every_schedule_plans(schedule, tmp_path):
 
     sizes = table3.sizes_for(schedule, tmp_path)
     if schedule == "shipped":  # train.py's own length: no epoch or cycle override
-        assert sizes.pretrain == [] and (sizes.epochs, sizes.warmup_epochs) == (100, 2.0)
+        assert sizes.pretrain == [] and (sizes.epochs, sizes.warmup_epochs) == (100, 5.0)
         assert table3.SCHEDULE_ROWS["shipped"] == ["full", "soft", "soft_online", "soft_cycle", "random",
                                                    "infobatch", "scratch"]  # fmt: skip
     for name in table3.SCHEDULE_ROWS[schedule]:

@@ -7,10 +7,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, _swap_link
+from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, SafeModelCheckpoint, _swap_link
 
 
 def _gated(io: AsyncAtomicCheckpointIO, gate: threading.Event, fail: bool = False) -> list[str]:
@@ -102,3 +104,53 @@ def test_a_save_waits_for_the_previous_write_so_copies_never_pile_up(tmp_path: P
     io.wait()
     assert written == ["epoch_000.ckpt", "epoch_001.ckpt"]
     io.teardown()
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+
+
+def _fit_with(tmp_path: Path, min_interval_s: float, max_epochs: int = 5) -> tuple[list[int], Path]:
+    """Fits 5 two-step epochs; returns the epochs whose end wrote a checkpoint, and the checkpoints folder."""
+    checkpoints = tmp_path / "checkpoints"
+    callback = SafeModelCheckpoint(
+        dirpath=checkpoints, filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last="link",
+        save_top_k=1, monitor=None, every_n_epochs=1, save_on_train_epoch_end=True, min_interval_s=min_interval_s,
+    )  # fmt: skip
+    saved: list[int] = []
+    original = callback._save_checkpoint
+
+    def recording(trainer: pl.Trainer, filepath: str) -> None:
+        saved.append(trainer.current_epoch)
+        original(trainer, filepath)
+
+    callback._save_checkpoint = recording
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback], plugins=[AsyncAtomicCheckpointIO()],
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_Tiny())
+    return sorted(set(saved)), checkpoints
+
+
+def test_a_minimum_interval_skips_epoch_end_saves_but_never_the_first_or_last(tmp_path: Path) -> None:
+    saved, checkpoints = _fit_with(tmp_path / "hourly", min_interval_s=3600)
+    assert saved == [0, 4]
+    assert (checkpoints / "last.ckpt").resolve() == (checkpoints / "epoch_004.ckpt").resolve()
+    state = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (4, 10)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_004.ckpt", "last.ckpt"]
+    every, _ = _fit_with(tmp_path / "every", min_interval_s=0)
+    assert every == [0, 1, 2, 3, 4]

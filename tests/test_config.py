@@ -239,9 +239,9 @@ def test_micro_model_instantiates_from_config(compose_cfg):
     assert set(hydra.utils.instantiate(cfg.model).losses) == {"rgb", "depth", "semseg"}
 
 
-def test_pretraining_validates_every_fifth_epoch_finetuning_every_epoch(compose_cfg, compose_finetune):
+def test_pretraining_validates_every_20th_epoch_finetuning_every_epoch(compose_cfg, compose_finetune):
     pretrain = compose_cfg("trainer=default")
-    assert pretrain.trainer.check_val_every_n_epoch == 5
+    assert pretrain.trainer.check_val_every_n_epoch == 20
     assert pretrain.callbacks.model_checkpoint.save_on_train_epoch_end is True
     assert compose_finetune().trainer.check_val_every_n_epoch == 1
     assert compose_finetune("experiment=ft_nyuv2_semseg").trainer.check_val_every_n_epoch == 20

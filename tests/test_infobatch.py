@@ -244,7 +244,7 @@ def test_multimae_infobatch_lr_ends_exactly_and_resume_matches(tmp_path):
     lrs = lr_per_step(tmp_path / "full")
     assert full["optimizer_steps"] == full["planned_optimizer_steps"] == len(lrs) < 8 * 6
     assert lrs[-1] == pytest.approx(1e-5)  # min_lr on the last step, though pruned sizes were known late
-    warmup, base_lr = 6, 1.5e-3 * 8 / 256  # model.warmup_epochs=1: one full epoch of 48 / 8 steps
+    warmup, base_lr = 6, 1.2e-2 * 8 / 256  # model.warmup_epochs=1: one full epoch of 48 / 8 steps
     assert lrs[:warmup] == pytest.approx([base_lr * (i + 1) / warmup for i in range(warmup)])
     assert all(b < a for a, b in pairwise(lrs[warmup:]))  # no position used twice
     events = [json.loads(x) for x in (tmp_path / "full" / "selection.jsonl").read_text().splitlines()]

@@ -32,8 +32,12 @@ Where each is used (file: function or class):
 - ``Trainer._accelerator_connector.use_distributed_sampler``: ``attent_vision/selection/contracts.py``:
   ``trainer_problems``.
 - ``LightningModule._trainer``: ``attent_vision/tasks/pretrain.py``: ``MultiMAEPretrainModule.training_step``.
-- ``ModelCheckpoint._remove_checkpoint(trainer, filepath)`` and ``ModelCheckpoint._link_checkpoint(trainer,
-  filepath, linkpath)`` (both overridden): ``attent_vision/tasks/checkpointing.py``: ``SafeModelCheckpoint``.
+- ``ModelCheckpoint._remove_checkpoint(trainer, filepath)``, ``ModelCheckpoint._link_checkpoint(trainer,
+  filepath, linkpath)`` and ``ModelCheckpoint._save_checkpoint(trainer, filepath)`` (all overridden), and
+  ``ModelCheckpoint._last_checkpoint_saved`` (the newest file written): ``attent_vision/tasks/checkpointing.py``:
+  ``SafeModelCheckpoint``.
+- ``lightning.pytorch.plugins.io.AsyncCheckpointIO``'s ``_executor``, ``_error``, ``_ensure_setup()`` and
+  ``checkpoint_io`` (subclassed): ``attent_vision/tasks/checkpointing.py``: ``AsyncAtomicCheckpointIO``.
 - ``ExperimentWriter._check_log_dir_exists`` (overridden; Lightning calls it from ``__init__``),
   ``ExperimentWriter._fs``, ``.metrics_file_path``, ``.metrics_keys`` (the writer's base class is the private
   ``lightning.fabric.loggers.csv_logs._ExperimentWriter``): ``attent_vision/tasks/loggers.py``:
@@ -202,6 +206,25 @@ def _check_link_checkpoint() -> None:
     )
 
 
+def _check_save_checkpoint_and_last_saved(tmp_path: Path) -> None:
+    assert _parameters(ModelCheckpoint._save_checkpoint) == ["self", "trainer", "filepath"], (
+        f"parameters are {_parameters(ModelCheckpoint._save_checkpoint)}"
+    )
+    callback = ModelCheckpoint(dirpath=tmp_path)
+    assert callback._last_checkpoint_saved == "", "ModelCheckpoint has no _last_checkpoint_saved"
+
+
+def _check_async_checkpoint_io() -> None:
+    from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, AtomicCheckpointIO
+
+    io = AsyncAtomicCheckpointIO()
+    assert io._executor is None and io._error is None
+    assert isinstance(io.checkpoint_io, AtomicCheckpointIO)
+    io._ensure_setup()
+    assert io._executor is not None
+    io.teardown()
+
+
 def _check_experiment_writer(tmp_path: Path) -> None:
     from attent_vision.tasks.loggers import _AppendingExperimentWriter
 
@@ -247,6 +270,10 @@ def test_every_private_lightning_api_the_project_uses_is_still_there(tmp_path: P
         "LightningModule._trainer": _check_module_trainer,
         "ModelCheckpoint._remove_checkpoint": _check_remove_checkpoint,
         "ModelCheckpoint._link_checkpoint": _check_link_checkpoint,
+        "ModelCheckpoint._save_checkpoint / ._last_checkpoint_saved": lambda: (
+            _check_save_checkpoint_and_last_saved(tmp_path)
+        ),
+        "AsyncCheckpointIO._executor / ._error / ._ensure_setup / .checkpoint_io": _check_async_checkpoint_io,
         "ExperimentWriter._check_log_dir_exists / ._fs / .metrics_file_path / .metrics_keys": (
             lambda: _check_experiment_writer(tmp_path)
         ),

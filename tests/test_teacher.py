@@ -325,7 +325,7 @@ def test_lr_schedule_spans_the_plan_and_ends_at_min_lr(reference_run):
     lrs = lr_per_step(run_dir)
     total = summary["planned_optimizer_steps"]
     assert summary["optimizer_steps"] == total == len(lrs)
-    base_lr = 1.5e-3 * 8 / 256
+    base_lr = 1.2e-2 * 8 / 256
     warmup = 6  # one full epoch of 48 / 8 steps
     expected = [
         warmup_cosine_lr(i, base_lr=base_lr, min_lr=1e-5, warmup_steps=warmup, total_steps=total)

@@ -6,7 +6,8 @@
   file operations that depend on a write (re-pointing ``last.ckpt``, deleting the superseded file) after it, in
   order, so that a kill at any moment still leaves ``last.ckpt`` pointing to a complete file.
 - :class:`SafeModelCheckpoint` re-points ``last.ckpt`` atomically and deletes a superseded epoch file only after
-  ``last.ckpt`` points to its successor, so ``last.ckpt`` never dangles.
+  ``last.ckpt`` points to its successor, so ``last.ckpt`` never dangles; with ``min_interval_s`` it skips epoch-end
+  saves that come sooner than that after the previous one (the first and the last epoch always save).
 - :func:`find_resume_checkpoint` picks the newest checkpoint of a run directory that actually loads (epoch files,
   ``last.ckpt``, crash and stop checkpoints), and refuses to let a run silently start over when checkpoints exist
   but none loads. Diverged states (``checkpoints/diverged/``) are never candidates.
@@ -161,19 +162,41 @@ class SafeModelCheckpoint(ModelCheckpoint):
     Lightning deletes the superseded epoch file before re-linking ``last.ckpt`` (a kill in between leaves a dangling
     link) and replaces the link by remove-then-create. Here superseded files are deleted only after the link points
     to their successor, and the link is swapped in with one atomic rename.
+
+    Args:
+        min_interval_s: Skip an epoch-end save that would come sooner than this after the previous save (the first
+            and the last epoch of a fit always save). Short epochs then stop paying a write each, and a hard kill
+            loses at most this much training; stop signals, crashes and SLURM requeues write their own checkpoint
+            whatever it says. 0: every epoch.
+        **kwargs: ``ModelCheckpoint``'s arguments.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.min_interval_s = min_interval_s
         self._superseded: list[str] = []
+        self._last_save: float | None = None
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._last_save = time.monotonic()
+
+    def _too_soon(self, trainer: pl.Trainer) -> bool:
+        """An epoch-end save within ``min_interval_s`` of the previous one (never the first or the last epoch's)."""
+        if self.min_interval_s <= 0 or self._last_save is None or _is_last_epoch(trainer):
+            return False
+        return time.monotonic() - self._last_save < self.min_interval_s
 
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         self._superseded.append(filepath)
 
     def _delete_superseded(self, trainer: pl.Trainer) -> None:
-        keep = {os.path.realpath(p) for p in (self.last_model_path, self.best_model_path) if p}
+        # By name, not through last.ckpt on disk: with asynchronous writes its swap to the newest file may still be
+        # queued, and resolving it now would keep the file it is about to leave.
+        newest = self._last_checkpoint_saved
+        keep = {os.path.abspath(p) for p in (self.last_model_path, self.best_model_path, newest) if p}
         for filepath in self._superseded:
-            if os.path.realpath(filepath) not in keep:
+            if os.path.abspath(filepath) not in keep:
                 trainer.strategy.remove_checkpoint(filepath)
         self._superseded = []
 
@@ -192,12 +215,23 @@ class SafeModelCheckpoint(ModelCheckpoint):
         self._delete_superseded(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+        if not self._too_soon(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
         self._delete_superseded(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         self._delete_superseded(trainer)
+
+
+def _is_last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch ending now is the fit's last (max_epochs or max_steps reached, or a stop requested)."""
+    if trainer.should_stop:
+        return True
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
 
 
 def _swap_link(filepath: str, linkpath: str) -> None:
