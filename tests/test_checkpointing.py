@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, SafeModelCheckpoint, _swap_link
 
+from .conftest import ddp_strategy
+
 
 def _gated(io: AsyncAtomicCheckpointIO, gate: threading.Event, fail: bool = False) -> list[str]:
     """Makes the wrapped atomic writer wait for ``gate`` (and then fail, if asked); returns the paths it wrote."""
@@ -121,8 +123,10 @@ class _Tiny(pl.LightningModule):
         return DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
 
 
-def _fit_with(tmp_path: Path, min_interval_s: float, max_epochs: int = 5) -> tuple[list[int], Path]:
-    """Fits 5 two-step epochs; returns the epochs whose end wrote a checkpoint, and the checkpoints folder."""
+def _fit_with(
+    tmp_path: Path, min_interval_s: float, max_epochs: int = 5, **trainer_kwargs: Any
+) -> tuple[list[int], Path]:
+    """Fits 5 two-step epochs; returns the epochs whose end wrote a checkpoint (in this process), and the folder."""
     checkpoints = tmp_path / "checkpoints"
     callback = SafeModelCheckpoint(
         dirpath=checkpoints, filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last="link",
@@ -138,8 +142,8 @@ def _fit_with(tmp_path: Path, min_interval_s: float, max_epochs: int = 5) -> tup
     callback._save_checkpoint = recording
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[callback], plugins=[AsyncAtomicCheckpointIO()],
-        default_root_dir=tmp_path,
+        enable_model_summary=False, callbacks=[callback, *trainer_kwargs.pop("callbacks", [])],
+        plugins=[AsyncAtomicCheckpointIO()], default_root_dir=tmp_path, **trainer_kwargs,
     )  # fmt: skip
     trainer.fit(_Tiny())
     return sorted(set(saved)), checkpoints
@@ -154,3 +158,23 @@ def test_a_minimum_interval_skips_epoch_end_saves_but_never_the_first_or_last(tm
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_004.ckpt", "last.ckpt"]
     every, _ = _fit_with(tmp_path / "every", min_interval_s=0)
     assert every == [0, 1, 2, 3, 4]
+
+
+class _ForgetLastSaveOnRank1(pl.Callback):
+    """Rank 1 alone believes it never saved, so its own clock would call for a save at every epoch's end."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 1:
+            next(cb for cb in trainer.callbacks if isinstance(cb, SafeModelCheckpoint))._last_save = None
+
+
+def test_under_ddp_rank_0_decides_whether_an_epoch_end_saves(tmp_path: Path) -> None:
+    # Saving has a barrier: ranks that disagreed would hang until the 60 s collective timeout fails the test.
+    _, checkpoints = _fit_with(
+        tmp_path,
+        min_interval_s=3600,
+        devices=2,
+        strategy=ddp_strategy(),
+        callbacks=[_ForgetLastSaveOnRank1()],
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_004.ckpt", "last.ckpt"]

@@ -182,10 +182,20 @@ class SafeModelCheckpoint(ModelCheckpoint):
         self._last_save = time.monotonic()
 
     def _too_soon(self, trainer: pl.Trainer) -> bool:
-        """An epoch-end save within ``min_interval_s`` of the previous one (never the first or the last epoch's)."""
-        if self.min_interval_s <= 0 or self._last_save is None or _is_last_epoch(trainer):
+        """An epoch-end save within ``min_interval_s`` of the previous one (never the first or the last epoch's).
+
+        Rank 0's clock decides for every rank: saving includes a barrier, so ranks that disagreed would hang.
+        """
+        if self.min_interval_s <= 0:
             return False
-        return time.monotonic() - self._last_save < self.min_interval_s
+        soon = (
+            self._last_save is not None
+            and not _is_last_epoch(trainer)
+            and time.monotonic() - self._last_save < self.min_interval_s
+        )
+        if trainer.world_size > 1:
+            soon = bool(trainer.strategy.broadcast(soon, src=0))
+        return soon
 
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         self._superseded.append(filepath)
