@@ -117,7 +117,9 @@ def main() -> None:
         cells = [f"{row['per_epoch_s'][n]:.3f} ({100 * row['share'][n]:.1f}%)" for n in names]
         print(f"| {row['variant']} | {row['fit_s']:.1f} | " + " | ".join(cells) + " |")
     ratio = args.subset_ratio
-    print(f"\nshare of a subset epoch at ratio {ratio:g} (training steps x {ratio:g}, every other part unchanged)\n")
+    print(
+        f"\nshare of a subset epoch at ratio {ratio:g} (training steps x {ratio:g}, every other part unchanged)\n"
+    )
     print("| variant | subset epoch (s) | " + " | ".join(names[1:]) + " |")
     print("|---|---|" + "---|" * (len(names) - 1))
     for row in table:
