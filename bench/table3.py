@@ -88,7 +88,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROW = "soft"  # the project's default teacher: the controls are matched to it
 CONFIDENCE = 0.95
-TIME_TARGET = 0.70  # issue 9's target for the default's time ratio; informative, the verdict does not need it
+TIME_TARGET = 0.70  # the default's time-ratio target; informative, the verdict does not need it
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -269,12 +269,16 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
 
 
 def paired(
-    results: dict, row: str, seeds: Iterable[int], value: Callable[[dict], float | None]
+    results: dict,
+    row: str,
+    seeds: Iterable[int],
+    value: Callable[[dict], float | None],
+    against: str = "full",
 ) -> list[tuple[float, float]]:
-    """(row's value, full data's value) for every seed that both finished and that has both values."""
+    """(row's value, the ``against`` row's value) for every seed that both finished and that has both values."""
     pairs = []
     for seed in seeds:
-        run, base = results.get((row, seed)), results.get(("full", seed))
+        run, base = results.get((row, seed)), results.get((against, seed))
         if run is None or base is None:
             continue
         x, y = value(run), value(base)
@@ -965,6 +969,47 @@ def every_number_table(rows: list[Row], by_row: dict[str, dict], chance: dict) -
     return lines
 
 
+def against_random(
+    rows: list[Row], results: dict, seeds: list[int], keys: list[str]
+) -> tuple[list[str], dict]:
+    """Whether the difficulty prior helps: each difficulty-aware row against random selection on the same schedule,
+    paired by seed (row − random, mean [95% t-interval]; time as the paired ratio). Empty without a random row."""
+    present = {name for name, _ in results} & {row.name for row in rows}
+    if "random" not in present:
+        return [], {}
+    head = [f"Δ {k} ({'↑' if higher_is_better(k) else '↓'})" for k in keys]
+    lines = [
+        "| method | time ÷ random (paired) | " + " | ".join(head) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    numbers: dict[str, dict] = {}
+    for row in rows:
+        if row.name not in DEFAULT_CANDIDATES or row.name not in present:
+            continue
+        time_ratio = as_ratio(
+            paired_log_ratio(paired(results, row.name, seeds, lambda r: r.get("pretrain_time_s"), "random"))
+        )
+        entry: dict = {"time_ratio": time_ratio}
+        cells = []
+        for key in keys:
+            difference = paired_difference(
+                paired(results, row.name, seeds, lambda r, k=key: r["downstream"].get(k), "random")
+            )
+            entry[key] = asdict(difference) if difference else None
+            if difference is None:
+                cells.append("–")
+                continue
+            cell = fmt_difference({"difference": entry[key]}, spec_for(key))
+            if difference.low is not None:
+                better = difference.low > 0 if higher_is_better(key) else difference.high < 0
+                worse = difference.high < 0 if higher_is_better(key) else difference.low > 0
+                cell += " better" if better else " worse" if worse else " (not resolved)"
+            cells.append(cell)
+        numbers[row.name] = entry
+        lines.append(f"| {row.method} ({row.name}) | {fmt_ratio(time_ratio)} | " + " | ".join(cells) + " |")
+    return lines, numbers
+
+
 def verdict(rows: list[Row], by_row: dict[str, dict], keys: list[str]) -> tuple[str, dict]:
     """The rule for the default: the fastest of :data:`DEFAULT_CANDIDATES` that meets every verdict number's margin
     and whose time ratio's interval lies below 1."""
@@ -1012,7 +1057,7 @@ def verdict(rows: list[Row], by_row: dict[str, dict], keys: list[str]) -> tuple[
         high = by_row[best[1]]["time_ratio"]["high"]
         lines.append(
             f"\nfastest teacher setting meeting the rule: {best[1]} ({best[0]:.3f}×, interval up to "
-            f"{high:.3f}×; issue 9's {TIME_TARGET:.2f}× target {'reached' if high <= TIME_TARGET else 'not shown'})"
+            f"{high:.3f}×; the {TIME_TARGET:.2f}× target {'reached' if high <= TIME_TARGET else 'not shown'})"
         )
     if undecided:
         lines.append(
@@ -1036,6 +1081,15 @@ def summarise(
     chance = chance_levels(results)
     keys = verdict_keys(stages)
     rule, decision = verdict(rows, by_row, keys)
+    random_lines, versus_random = against_random(rows, results, seeds, keys)
+    if random_lines:
+        random_lines = [
+            "Against random selection on the same schedule (does the difficulty prior help? row − random on the "
+            "same seed, mean [95% t-interval]; 'better'/'worse' only where the interval excludes 0):",
+            "",
+            *random_lines,
+            "",
+        ]
     text = "\n".join(
         [
             "Costs (mean ± std over seeds; ratios: geometric mean of the paired ratios to full data [95% t-interval]; "
@@ -1051,12 +1105,19 @@ def summarise(
             "Verdict:",
             rule,
             "",
+            *random_lines,
             "Every downstream number:",
             "",
             *every_number_table(rows, by_row, chance),
         ]
     )
-    return text, {"rows": by_row, "chance": chance, "verdict_keys": keys, "verdict": decision}
+    return text, {
+        "rows": by_row,
+        "chance": chance,
+        "verdict_keys": keys,
+        "verdict": decision,
+        "against_random": versus_random,
+    }
 
 
 def plot(rows: list[Row], summary: dict, results: dict, seeds: list[int], out: Path) -> None:

@@ -447,6 +447,30 @@ def test_the_rule_picks_the_fastest_candidate_that_is_faster_and_meets_every_mar
         "ft_cls.top1", "ft_depth.delta1", "ft_depth.abs_rel"]  # fmt: skip
 
 
+def test_difficulty_aware_rows_are_compared_with_random_selection_paired_by_seed():
+    rows = [table3.ALL_ROWS[n] for n in ("full", "soft", "soft_online", "soft_cycle", "random", "infobatch")]
+    results = _full_results({
+        "soft": (0.9, 3.0, 0.0),  # 3 points above random on every seed
+        "soft_online": (0.6, -0.8, 0.0),  # below it
+        "soft_cycle": (0.75, 0.0, 0.0),  # the same as random
+        "random": (0.6, 0.0, 0.0),
+        "infobatch": (0.5, 9.0, 0.0),  # a yardstick: not compared
+    })  # fmt: skip
+    text, summary = table3.summarise(rows, SEEDS, results, [table3.EVALS["knn_cls"]], {"knn_cls.top1": 2.0})
+    versus = summary["against_random"]
+    assert set(versus) == {"soft", "soft_online", "soft_cycle"}
+    assert versus["soft"]["knn_cls.top1"]["mean"] == pytest.approx(3.0)
+    assert versus["soft"]["time_ratio"]["ratio"] == pytest.approx(1.5, rel=1e-3)
+    lines = text.splitlines()
+    assert any(line.startswith("| AtteNT soft (soft) | 1.500×") and "+3.00 [+3.00, +3.00] better" in line
+               for line in lines)  # fmt: skip
+    assert any("(soft_online)" in line and "-0.80 [-0.80, -0.80] worse" in line for line in lines)
+    assert any("(soft_cycle)" in line and "(not resolved)" in line for line in lines)
+    # Without a random row there is nothing to compare with.
+    _, summary = table3.summarise(rows[:2], SEEDS, results, [table3.EVALS["knn_cls"]], {"knn_cls.top1": 2.0})
+    assert summary["against_random"] == {}
+
+
 def test_jobs_one_runs_seed_by_seed_full_data_first_and_controls_after_their_inputs(tmp_path, monkeypatch):
     order = []
 
