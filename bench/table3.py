@@ -906,11 +906,11 @@ def costs_table(rows: list[Row], by_row: dict[str, dict]) -> list[str]:
         c = stats_["costs"]
         if not row.pretrains:
             lines.append(
-                f"| {row.method} | – | – | – | {len(stats_['seeds'])} | none | – | – | – | 0 | 0 | – | – | – |"
+                f"| {row.method} (`{row.name}`) | – | – | – | {len(stats_['seeds'])} | none | – | – | – | 0 | 0 | – | – | – |"
             )
             continue
         lines.append(
-            f"| {row.method} | {row.ratio} | {row.interval} | {row.scoring} | {len(stats_['seeds'])} | "
+            f"| {row.method} (`{row.name}`) | {row.ratio} | {row.interval} | {row.scoring} | {len(stats_['seeds'])} | "
             f"{fmt_mean_std(c.get('pretrain_time_s'), '.1f')} | {fmt_ratio(stats_.get('time_ratio'))} | "
             f"{fmt_mean_std(c.get('cpu_s'), '.1f')} | {fmt_ratio(stats_.get('cpu_ratio'))} | "
             f"{count(c, 'samples_seen')} | {count(c, 'optimizer_steps')} | {fmt_mean_std(c.get('scoring_passes'), '.0f')} | "
@@ -938,7 +938,7 @@ def verdict_table(rows: list[Row], by_row: dict[str, dict], keys: list[str], cha
                     f"; Δ {fmt_difference(entry, spec_for(key))} {fmt_meets(entry['meets'], entry['margin'])}"
                 )
             cells.append(cell)
-        lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.method} (`{row.name}`) | " + " | ".join(cells) + " |")
     lines.append(
         "| chance | " + " | ".join(f"{chance[k]:{spec_for(k)}}" if k in chance else "–" for k in keys) + " |"
     )
@@ -961,7 +961,7 @@ def every_number_table(rows: list[Row], by_row: dict[str, dict], chance: dict) -
             margin = "–" if entry["margin"] is None else f"{entry['margin']:{spec}}"
             verdict = "" if row.name == "full" else fmt_meets(entry.get("meets"), entry["margin"])
             lines.append(
-                f"| {key} | {better} | {margin} | {row.method} | {entry['n']} | {fmt_mean_std(entry, spec)} | "
+                f"| {key} | {better} | {margin} | {row.method} (`{row.name}`) | {entry['n']} | {fmt_mean_std(entry, spec)} | "
                 f"{fmt_difference(entry, spec)} | {verdict} |"
             )
         if key in chance:
@@ -1006,7 +1006,7 @@ def against_random(
                 cell += " better" if better else " worse" if worse else " (not resolved)"
             cells.append(cell)
         numbers[row.name] = entry
-        lines.append(f"| {row.method} ({row.name}) | {fmt_ratio(time_ratio)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.method} (`{row.name}`) | {fmt_ratio(time_ratio)} | " + " | ".join(cells) + " |")
     return lines, numbers
 
 
@@ -1280,12 +1280,19 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results = run_all(rows, seeds, out, sizes, stages, jobs, threads)
     body, summary = summarise(rows, seeds, results, stages, margins)
+    stage_s = sum(
+        read_cost(path).get("wall_s") or 0.0
+        for row in rows
+        for seed in seeds
+        for path in (out / row.name / f"seed{seed}").glob("*.cost.json")
+    )
     header = (
         f"Table 3, {schedule} schedule, seeds {seeds}, evaluations {[s.name for s in stages]}, {jobs} run(s) at a "
         f"time with {threads} thread(s) each. Pretraining overrides: {' '.join(sizes.pretrain) or 'none (train.py defaults)'}; "
         f"evaluations: {json.dumps({s.name: sizes.evals[s.name] for s in stages})}. Margins (fixed before the run, "
-        f"{MARGIN_K} x a pilot's full-data seed std): {json.dumps(margins)}. Benchmark took "
-        f"{time.perf_counter() - start:.0f} s."
+        f"{MARGIN_K} x a pilot's full-data seed std): {json.dumps(margins)}. This invocation took "
+        f"{time.perf_counter() - start:.0f} s; the runs' stages took {stage_s:.0f} s in all ({jobs} at a time; "
+        "stages finished by an earlier invocation are reused, not rerun)."
     )
     measured_on = sorted(
         {

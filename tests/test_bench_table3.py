@@ -403,10 +403,14 @@ def test_the_table_shows_paired_differences_and_the_scratch_and_chance_rows():
         rows, SEEDS, results, stages, {"knn_cls.top1": 2.0, "linear_depth.abs_rel": 0.02}
     )
     lines = text.splitlines()
-    scratch = next(line for line in lines if line.startswith("| from scratch (no pretraining) | 31.00"))
+    scratch = next(
+        line for line in lines if line.startswith("| from scratch (no pretraining) (`scratch`) | 31.00")
+    )
     assert "Δ -20.00 [" in scratch and "misses" in scratch  # pretraining is worth 20 points here
     assert "| chance | 16.67 | – | 0.4500 |" in lines  # delta1 has no chance level here
-    assert "| from scratch (no pretraining) | – | – | – | 5 | none |" in text  # no pretraining cost
+    assert (
+        "| from scratch (no pretraining) (`scratch`) | – | – | – | 5 | none |" in text
+    )  # no pretraining cost
     assert "| knn_cls.top1 | higher | | chance | | 16.67 | | |" in lines
     soft = summary["rows"]["soft"]
     assert soft["time_ratio"]["ratio"] == pytest.approx(0.8, rel=1e-3) and soft["faster"] is True
@@ -462,7 +466,7 @@ def test_difficulty_aware_rows_are_compared_with_random_selection_paired_by_seed
     assert versus["soft"]["knn_cls.top1"]["mean"] == pytest.approx(3.0)
     assert versus["soft"]["time_ratio"]["ratio"] == pytest.approx(1.5, rel=1e-3)
     lines = text.splitlines()
-    assert any(line.startswith("| AtteNT soft (soft) | 1.500×") and "+3.00 [+3.00, +3.00] better" in line
+    assert any(line.startswith("| AtteNT soft (`soft`) | 1.500×") and "+3.00 [+3.00, +3.00] better" in line
                for line in lines)  # fmt: skip
     assert any("(soft_online)" in line and "-0.80 [-0.80, -0.80] worse" in line for line in lines)
     assert any("(soft_cycle)" in line and "(not resolved)" in line for line in lines)
