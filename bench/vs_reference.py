@@ -296,7 +296,7 @@ def make_optimizer(
 def our_step(module: nn.Module, optimizer: torch.optim.Optimizer, autocast: Callable[[], Any]) -> Callable:
     """One step of ``MultiMAEPretrainModule.training_step`` (its loss reduction and task balancing; without the
     logging and the non-finite check) plus backward and the optimizer step, as Lightning runs them."""
-    from attent_vision.tasks.pretrain import weighted_task_loss
+    from attent_vision.lightning.pretrain import weighted_task_loss
 
     def step(batch: dict[str, Tensor], masks: Any, parts: dict[str, float]) -> Tensor:
         start = time.perf_counter()

@@ -12,15 +12,11 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from attent_vision.config import ConfigError, validate_pretrain_config
-from attent_vision.run import build_teacher, build_trainer, instantiate_group
-from attent_vision.tasks.callbacks import (
-    FinetuneSummary,
-    RunSummary,
-    SpawnedProcessGroupCleanup,
-    ValidateLastEpoch,
-    run_callbacks,
-)
-from attent_vision.tasks.rng_capture import RngStateCapture
+from attent_vision.runs.callbacks import SpawnedProcessGroupCleanup, ValidateLastEpoch, run_callbacks
+from attent_vision.runs.kit import build_trainer, instantiate_group
+from attent_vision.runs.pretrain import build_teacher
+from attent_vision.runs.rng_capture import RngStateCapture
+from attent_vision.runs.summary import FinetuneSummary, PretrainSummary
 from tests.conftest import CONF_DIR, TINY_OVERRIDES, read_summary, run_train
 
 
@@ -80,7 +76,7 @@ def target_paths(node: Any, path: str = "") -> Iterator[str]:
         yield from target_paths(child, child_path)
 
 
-# What train.py (attent_vision.run) and finetune.py (attent_vision.run_finetune) instantiate; selection, scoring,
+# What train.py (attent_vision.runs.pretrain) and finetune.py (attent_vision.runs.finetune) instantiate; selection, scoring,
 # ratio and interval are built inside the teacher (teacher.selector: ${selection}, ...).
 BUILT = {
     "train": {
@@ -173,14 +169,14 @@ def test_every_group_option_composes_and_instantiates(
     hydra.utils.instantiate(cfg.data, _convert_="all")
     callbacks, summary = run_callbacks(
         instantiate_group(cfg.get("callbacks")),
-        RunSummary if script == "train" else FinetuneSummary,
+        PretrainSummary if script == "train" else FinetuneSummary,
         output_dir=str(cfg.paths.output_dir),
         last=last,
     )
     loggers = instantiate_group(cfg.get("logger"))
     for_this_machine(cfg, monkeypatch)
     trainer = build_trainer(cfg, callbacks, loggers)
-    assert [cb for cb in trainer.callbacks if isinstance(cb, RunSummary | FinetuneSummary)] == [summary]
+    assert [cb for cb in trainer.callbacks if isinstance(cb, PretrainSummary | FinetuneSummary)] == [summary]
     assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in trainer.callbacks) == 1
     assert all(cb in trainer.callbacks for cb in last)
     launcher = cfg.hydra.launcher
@@ -198,20 +194,20 @@ def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
         ["~callbacks"],
         # a config written when the summary was still listed in conf/callbacks: used, not doubled
         [
-            "+callbacks.run_summary._target_=attent_vision.tasks.callbacks.RunSummary",
+            "+callbacks.run_summary._target_=attent_vision.runs.summary.PretrainSummary",
             "+callbacks.run_summary.output_dir=${paths.output_dir}",
-            "+callbacks.cleanup._target_=attent_vision.tasks.callbacks.SpawnedProcessGroupCleanup",
+            "+callbacks.cleanup._target_=attent_vision.runs.callbacks.SpawnedProcessGroupCleanup",
         ],
     ]:
         cfg = compose_cfg(*overrides)
         teacher = build_teacher(cfg)
         callbacks, summary = run_callbacks(
             instantiate_group(cfg.get("callbacks")),
-            RunSummary,
+            PretrainSummary,
             output_dir=str(cfg.paths.output_dir),
             last=[teacher],
         )
-        assert [cb for cb in callbacks if isinstance(cb, RunSummary)] == [summary], overrides
+        assert [cb for cb in callbacks if isinstance(cb, PretrainSummary)] == [summary], overrides
         assert summary.path == Path(cfg.paths.output_dir) / "summary.json"
         assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in callbacks) == 1
         # the summary first (its epoch times close before the pictures draw), the teacher after the configured ones
@@ -219,7 +215,7 @@ def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
         assert sum(isinstance(cb, RngStateCapture) for cb in callbacks) == 1
         assert isinstance(callbacks[-1], SpawnedProcessGroupCleanup)
     callbacks, summary = run_callbacks(
-        [RunSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
+        [PretrainSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
     )
     assert [type(cb) for cb in callbacks] == [
         FinetuneSummary,
@@ -324,7 +320,7 @@ def test_bad_values_and_unknown_options_name_the_key_and_the_choices(compose_cfg
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path):
     proc = run_train(["--cfg", "job"], cwd=tmp_path)
-    assert "_target_: attent_vision.tasks.pretrain.MultiMAEPretrainModule" in proc.stdout
+    assert "_target_: attent_vision.lightning.pretrain.MultiMAEPretrainModule" in proc.stdout
     assert "size: micro" in proc.stdout
     assert not (tmp_path / "data").exists(), "--cfg job must not generate data"
 

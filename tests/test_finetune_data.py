@@ -164,9 +164,9 @@ def test_train_transform_keeps_modalities_aligned() -> None:
 
 
 def test_dense_datamodule_rejects_labels_beyond_num_classes(downstream_root: Path) -> None:
+    from attent_vision.lightning.finetune import SegmentationModule
     from attent_vision.models import build_multivit
     from attent_vision.models.heads import ConvNeXtHead
-    from attent_vision.tasks.finetune import SegmentationModule
 
     dm = DenseDataModule(
         root=str(downstream_root / "nyu"), target="semseg", num_classes=4, input_size=32, pad_to=8

@@ -1,4 +1,4 @@
-"""Pictures while pretraining (attent_vision.tasks.pretrain_pictures): helpers, both callbacks on stubs and on a
+"""Pictures while pretraining (attent_vision.lightning.pretrain_pictures): helpers, both callbacks on stubs and on a
 real model, and one tiny end-to-end run whose re-selection must produce a gallery."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from attent_vision.lightning import pretrain_pictures as pictures
 from attent_vision.seeds import item_seeds
-from attent_vision.tasks import pretrain_pictures as pictures
 from tests.conftest import run_train
 
 

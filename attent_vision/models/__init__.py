@@ -1,6 +1,6 @@
 """MultiMAE model package: adapters, masking, encoder, decoders, losses, balancers and checkpoint I/O.
 
-Nothing here imports Lightning; the task modules in ``attent_vision.tasks`` own training logic.
+Nothing here imports Lightning; the LightningModules in ``attent_vision.lightning`` own training logic.
 """
 
 from attent_vision.models.checkpoint import (

@@ -84,6 +84,15 @@ class LabelledDataModule(Protocol):
         """Int64 class of every training sample, for the class histograms in the logs."""
 
 
+@runtime_checkable
+class StopsLongPasses(Protocol):
+    """A callback that can end the run between the batches of a pass that runs outside Lightning's loops (the
+    teacher's scoring pass), as it does between training batches; the run layer's stop handler is one."""
+
+    def stop_if_requested(self, trainer: Any) -> None:
+        """Called before each batch on every rank: raises to stop the run when a stop signal came."""
+
+
 SIGNATURES: dict[type, dict[str, str]] = {
     SelectableModule: {
         "training_step": "training_step(batch, batch_idx) -> {'loss', 'sample_loss', 'index'}"

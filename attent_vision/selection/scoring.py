@@ -22,14 +22,21 @@ from attent_vision.selection.contracts import (
     ScorableModule,
     ScoringDataModule,
     SelectableModule,
+    StopsLongPasses,
     TeacherSetupError,
     accepts_keyword,
     missing,
 )
 from attent_vision.selection.score_bank import ScoreBank
-from attent_vision.tasks.stops import stop_if_requested
 
 log = logging.getLogger(__name__)
+
+
+def stop_if_requested(trainer: pl.Trainer) -> None:
+    """Lets every stop handler among the trainer's callbacks end the run before the next batch of a scoring pass."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopsLongPasses):
+            callback.stop_if_requested(trainer)
 
 
 @dataclass(kw_only=True, eq=False)

@@ -5,7 +5,7 @@ Every way a run can stop leaves a resumable checkpoint of its last good state, w
 
 - a stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) is noted by the handler and acted on at the next batch boundary,
   where every rank agrees to stop: ``checkpoints/stopped.ckpt`` is written, then :class:`RunStopped` is raised. The
-  boundaries are those of training, of validation and of the teacher's scoring pass (:func:`stop_if_requested`), so
+  boundaries are those of training, of validation and of the teacher's scoring pass (``attent_vision.selection.scoring.stop_if_requested``), so
   that no long pass outlasts a scheduler's grace time; a resumed run redoes the interrupted validation or pass;
 - a second SIGINT while such a stop is pending (Ctrl-C pressed again) stops at once, without a checkpoint
   (:class:`StoppedNow`): the state may be half-way through an update, and the newest checkpoint is the one to keep;
@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer import call
 
-from attent_vision.tasks.checkpointing import (
+from attent_vision.runs.checkpointing import (
     DIVERGED_DIR,
     NoLoadableCheckpointError,
     atomic_torch_save,
@@ -55,7 +55,6 @@ __all__ = [
     "requeue_after_stop",
     "requeue_signal",
     "restore_signal_handlers",
-    "stop_if_requested",
 ]
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
@@ -112,7 +111,7 @@ class GracefulStop(pl.Callback):
     """Stop signals → checkpoint at the next batch boundary; exceptions → crash checkpoint from the training ranks.
 
     The boundaries: after a training batch (but the last of an epoch, whose validation and end hooks come first),
-    before a validation batch, before a batch of the teacher's scoring pass (:func:`stop_if_requested`), and as an
+    before a validation batch, before a batch of the teacher's scoring pass (``attent_vision.selection.scoring.stop_if_requested``), and as an
     epoch starts. Its handlers are in place from ``on_fit_start``, where a resumed run repeats its scoring pass.
 
     Args:
@@ -291,17 +290,6 @@ class GracefulStop(pl.Callback):
 
     def summary_fields(self) -> dict[str, Any]:
         return {"stop": self.outcome} if self.outcome else {}
-
-
-def stop_if_requested(trainer: pl.Trainer) -> None:
-    """For a long pass that runs outside Lightning's loops (the teacher's scoring pass), called before each batch on
-    every rank: stops the run there when a stop signal came, as :class:`GracefulStop` does between training batches.
-
-    Does nothing when the trainer has no :class:`GracefulStop` callback.
-    """
-    for callback in trainer.callbacks:
-        if isinstance(callback, GracefulStop):
-            callback.stop_if_requested(trainer)
 
 
 def epoch_not_started(checkpoint: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from attent_vision.config import ConfigError
 from attent_vision.data.modalities import DataFormatError
-from attent_vision.run import RunEnded
-from attent_vision.tasks.stops import requeue_after_stop
+from attent_vision.runs.endings import RunEnded
+from attent_vision.runs.stops import requeue_after_stop
 
 log = logging.getLogger(__name__)
 

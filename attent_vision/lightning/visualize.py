@@ -2,7 +2,7 @@
 
 Files go into the run directory (``predictions/epoch_NNN.png``, ``confusion_matrix.png``) and, when such loggers
 are active, to TensorBoard (``add_image``) and W&B (``log_image``). ``log_figure`` / ``log_image`` and the colour
-helpers are shared with the pretraining pictures (``attent_vision.tasks.pretrain_pictures``).
+helpers are shared with the pretraining pictures (``attent_vision.lightning.pretrain_pictures``).
 """
 
 from __future__ import annotations

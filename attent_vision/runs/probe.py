@@ -2,7 +2,7 @@
 
 The run builds the data and the task module exactly as fine-tuning does and loads the encoder with the same function,
 then computes the encoder's features of both splits once (evaluation transforms, no augmentation) and fits the
-probe on them (:mod:`attent_vision.tasks.probes`). It writes ``summary.json`` with fine-tuning's fields and metric
+probe on them (:mod:`attent_vision.lightning.probes`). It writes ``summary.json`` with fine-tuning's fields and metric
 names (``status``, ``task``, ``metrics`` {main, final, best}, ``chance``, ``settings``, ``pretrained_checkpoint``,
 ``wall_time_s``) plus ``probe``, and records the main metric in the pretraining run's ``downstream.json`` under the
 probe's own column (``probe.report_column``, e.g. "ImageNetS50 (k-NN)"), beside the fine-tuning results.
@@ -24,19 +24,19 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from attent_vision.lightning.finetune import FinetuneModule
+from attent_vision.lightning.probes import Features, ProbeResult, extract_features
 from attent_vision.models.attention import configure_attention, precision_kind
 from attent_vision.models.checkpoint import LoadReport
-from attent_vision.run import check_data
-from attent_vision.run_finetune import (
-    _print_result,
-    _settings,
+from attent_vision.runs.downstream import (
     load_encoder,
     pretraining_run_dir,
+    print_result,
     record_downstream,
     resolve_pretrained,
+    run_settings,
 )
-from attent_vision.tasks.finetune import FinetuneModule
-from attent_vision.tasks.probes import Features, ProbeResult, extract_features
+from attent_vision.runs.kit import check_data
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def run_probe(cfg: DictConfig) -> float | None:
     encoder_params = sum(
         p.numel() for name, p in module.net.named_parameters() if not name.startswith("output_adapters.")
     )
-    settings = {k: v for k, v in _settings(cfg).items() if k not in _FINETUNE_ONLY}
+    settings = {k: v for k, v in run_settings(cfg).items() if k not in _FINETUNE_ONLY}
     settings["probe"] = {"name": probe.name, **probe.settings()}
     summary = {
         "status": "finished",
@@ -203,7 +203,7 @@ def run_probe(cfg: DictConfig) -> float | None:
     tmp.replace(path)
 
     value = result.final.get(main)
-    _print_result(f"{cfg.task.name} ({probe.name} probe)", main, result.final, chance, summary["wall_time_s"])
+    print_result(f"{cfg.task.name} ({probe.name} probe)", main, result.final, chance, summary["wall_time_s"])
     run_dir = pretraining_run_dir(cfg.pretrained) if cfg.get("pretrained") else None
     if value is not None and run_dir is not None and cfg.get("write_downstream"):
         details = {

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from attent_vision.tasks.visualize import colorize_labels, denormalize_rgb, log_image
+from attent_vision.lightning.visualize import colorize_labels, denormalize_rgb, log_image
 
 __all__ = [
     "DEPTH_STD_RANGE",
@@ -72,7 +72,7 @@ CELL_PX = 160  # tile side in the pictures
 class _PictureCallback(pl.Callback):
     """Run-directory output, error policy and drawing-time bookkeeping shared by the picture callbacks.
 
-    ``summary_fields`` (collected by RunSummary into ``summary.json``) reports ``<name>_time_s``, the seconds spent
+    ``summary_fields`` (collected by PretrainSummary into ``summary.json``) reports ``<name>_time_s``, the seconds spent
     drawing (they are part of the run's wall time), and ``<name>_errors`` when a drawing failed.
     """
 

@@ -13,11 +13,11 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from attent_vision.data.modalities import MODALITIES, NORM_PIX_TASK, loss_target
+from attent_vision.lightning.lr_schedule import warmup_cosine_lr
 from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
 from attent_vision.models.losses import SampleLoss, default_loss, reduce_batch, truncated_depth_standardize
 from attent_vision.seeds import item_seeds
 from attent_vision.selection.resizing import StepRemap
-from attent_vision.tasks.lr_schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """LightningModules that fine-tune a MultiViT on the downstream tasks: classification, segmentation, depth.
 
 They share one optimisation recipe (timm's optimizer factory with layer-wise LR decay; per-step linear warmup then
-cosine to ``min_lr``) and evaluate with dataset-level torchmetrics (``tasks.metrics``): every evaluation sample
+cosine to ``min_lr``) and evaluate with dataset-level torchmetrics (``lightning.metrics``): every evaluation sample
 counts once, also under DDP. Each task names its main metric (what checkpoints keep and sweeps optimise) and can
 measure a chance level on the evaluation split, which the run prints beside its result.
 """
@@ -22,16 +22,16 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
-from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
-from attent_vision.models.losses import truncated_depth_standardize
-from attent_vision.tasks.lr_schedule import warmup_cosine_lr
-from attent_vision.tasks.metrics import (
+from attent_vision.lightning.lr_schedule import warmup_cosine_lr
+from attent_vision.lightning.metrics import (
     ClassificationMetrics,
     DepthMetrics,
     SegmentationMetrics,
     berhu_loss,
     depth_valid_mask,
 )
+from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
+from attent_vision.models.losses import truncated_depth_standardize
 
 log = logging.getLogger(__name__)
 
