@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from attent_vision.selection import rng_state
+from attent_vision.seeds import capture_rng_state, restore_rng_state
 
 
 class RngStateCapture(pl.Callback):
@@ -18,8 +18,8 @@ class RngStateCapture(pl.Callback):
     """
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_state.capture()
+        return capture_rng_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:  # checkpoints written before this callback existed hold none
-            rng_state.restore(state_dict)
+            restore_rng_state(state_dict)

@@ -22,8 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from attent_vision.data.sampler import SubsetSampler
-from attent_vision.seeds import stream_seed
-from attent_vision.selection import rng_state
+from attent_vision.seeds import capture_rng_state, restore_rng_state, stream_seed
 from attent_vision.selection.contracts import (
     LabelledDataModule,
     PlannedSchedule,
@@ -369,7 +368,7 @@ class AtteNTTeacher(pl.Callback):
             # Selection and shuffling draw from generators seeded by (seed, cycle, epoch), so the seed is all the
             # teacher's own RNG state; the global RNG states make anything else continue exactly.
             "seed": self.seed,
-            "rng": rng_state.capture(),
+            "rng": capture_rng_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,4 +393,4 @@ class AtteNTTeacher(pl.Callback):
         self.scoring_time_s = state_dict["scoring_time_s"]
         self.selection_time_s = state_dict["selection_time_s"]
         self.scoring_passes = state_dict.get("scoring_passes", 0)
-        rng_state.restore(state_dict["rng"])
+        restore_rng_state(state_dict["rng"])
