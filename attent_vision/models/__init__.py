@@ -6,13 +6,11 @@ Nothing here imports Lightning; the LightningModules in ``attent_vision.lightnin
 from attent_vision.models.checkpoint import (
     LoadReport,
     MissingEncoderWeightsError,
-    load_multimae_weights,
     load_pretrained,
-    multimae_to_timm_vit,
     normalize_state_dict,
     resolve_checkpoint,
-    timm_vit_to_multimae,
 )
+from attent_vision.models.checkpoint_keys import multimae_to_timm_vit, timm_vit_to_multimae
 from attent_vision.models.heads import (
     ConvNeXtHead,
     DPTHead,
@@ -85,7 +83,6 @@ __all__ = [
     "expand_alphas",
     "generate_random_masks",
     "ids_from_task_masks",
-    "load_multimae_weights",
     "load_pretrained",
     "multimae_to_timm_vit",
     "normalize_state_dict",
