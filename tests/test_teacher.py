@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from attent_vision.lightning.lr_schedule import warmup_cosine_lr
+from attent_vision.lightning.optim import warmup_cosine_lr
 from attent_vision.runs.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.selection import (
     AtteNTTeacher,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,16 +18,20 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
-from attent_vision.lightning.lr_schedule import warmup_cosine_lr
 from attent_vision.lightning.metrics import (
     ClassificationMetrics,
     DepthMetrics,
     SegmentationMetrics,
     berhu_loss,
     depth_valid_mask,
+)
+from attent_vision.lightning.optim import (
+    OptimizerFactory,
+    build_optimizer,
+    scaled_lr,
+    warmup_cosine_scheduler,
 )
 from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
 from attent_vision.models.losses import truncated_depth_standardize
@@ -58,9 +61,8 @@ class FinetuneModule(pl.LightningModule, ABC):
         net: A :class:`~attent_vision.models.MultiViT` with one output adapter named ``task``.
         task: Output adapter (and target) name: "cls", "semseg" or "depth".
         inputs: Input modalities fed to the encoder.
-        opt: timm optimizer name (``create_optimizer_v2``), e.g. "adamw".
-        opt_betas: Optimizer betas (None keeps timm's default).
-        opt_eps: Optimizer epsilon.
+        optimizer: The optimizer class with its fixed arguments (a Hydra ``_partial_`` node), called as
+            ``optimizer(param_groups, lr=lr)``; default AdamW with torch's defaults.
         lr: Absolute learning rate; when None, ``blr × global batch / 256``.
         blr: Base learning rate used when ``lr`` is None.
         weight_decay: Weight decay (norms, biases, tokens and embeddings exempt).
@@ -79,9 +81,7 @@ class FinetuneModule(pl.LightningModule, ABC):
         net: nn.Module,
         task: str,
         inputs: Sequence[str] = ("rgb",),
-        opt: str = "adamw",
-        opt_betas: Sequence[float] | None = None,
-        opt_eps: float = 1e-8,
+        optimizer: OptimizerFactory | None = None,
         lr: float | None = None,
         blr: float = 5e-4,
         weight_decay: float = 0.05,
@@ -91,7 +91,7 @@ class FinetuneModule(pl.LightningModule, ABC):
         attention: AttentionPath = "auto",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         use_fused_attention(attention, device_type="cpu", precision="32-true")  # rejects a bad value now
         self.attention = attention
         self.net = net
@@ -101,7 +101,7 @@ class FinetuneModule(pl.LightningModule, ABC):
             )
         self.task = task
         self.inputs = tuple(inputs)
-        self.opt, self.opt_betas, self.opt_eps = opt, opt_betas, opt_eps
+        self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr, self.blr = lr, blr
         self.weight_decay, self.layer_decay = weight_decay, layer_decay
         self.warmup_epochs, self.min_lr = warmup_epochs, min_lr
@@ -197,39 +197,32 @@ class FinetuneModule(pl.LightningModule, ABC):
         )
 
     def base_lr(self) -> float:
-        return self.lr if self.lr is not None else self.blr * self.global_batch_size() / 256
+        return self.lr if self.lr is not None else scaled_lr(self.blr, self.global_batch_size())
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.base_lr()
-        extra = {"eps": self.opt_eps}
-        if self.opt_betas is not None:
-            extra["betas"] = tuple(self.opt_betas)
-        layer_decay = self.layer_decay if self.layer_decay not in (None, 1.0) else None
-        # timm builds the layer-decay groups from net.group_matcher() and exempts net.no_weight_decay().
-        optimizer = create_optimizer_v2(
-            self.net, opt=self.opt, lr=lr, weight_decay=self.weight_decay, layer_decay=layer_decay, **extra
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            self.net,
+            lr=lr,
+            weight_decay=self.weight_decay,
+            layer_decay=self.layer_decay,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
         warmup = round(self.warmup_epochs * per_epoch)
         log.info(
             "optimizer: %s lr %.3g, layer decay %s, %d steps (%d warmup)",
-            self.opt,
+            type(optimizer).__name__,
             lr,
-            layer_decay,
+            self.layer_decay,
             total,
             warmup,
         )
-        # LambdaLR multiplies each group's own lr, so timm's per-layer scales (already in the groups) survive.
-        schedule = partial(_relative_lr, min_ratio=self.min_lr / lr, warmup_steps=warmup, total_steps=total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _relative_lr(step: int, *, min_ratio: float, warmup_steps: int, total_steps: int) -> float:
-    return warmup_cosine_lr(
-        step, base_lr=1.0, min_lr=min_ratio, warmup_steps=warmup_steps, total_steps=total_steps
-    )
+        scheduler = warmup_cosine_scheduler(
+            optimizer, total_steps=total, warmup_steps=warmup, min_ratio=self.min_lr / lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 class ClassificationModule(FinetuneModule):

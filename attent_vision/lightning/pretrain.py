@@ -9,15 +9,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from attent_vision.data.modalities import MODALITIES, NORM_PIX_TASK, loss_target
-from attent_vision.lightning.lr_schedule import warmup_cosine_lr
+from attent_vision.lightning.optim import StepRemap, build_optimizer, scaled_lr, warmup_cosine_scheduler
 from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
 from attent_vision.models.losses import SampleLoss, default_loss, reduce_batch, truncated_depth_standardize
 from attent_vision.seeds import item_seeds
-from attent_vision.selection.resizing import StepRemap
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +265,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def base_lr(self) -> float:
-        return self.blr * self.global_batch_size() / 256
+        return scaled_lr(self.blr, self.global_batch_size())
 
     def planned_steps(self) -> tuple[int, int]:
         """(total optimizer steps, steps of one full epoch) for sizing the schedule."""
@@ -282,13 +280,15 @@ class MultiMAEPretrainModule(pl.LightningModule):
         return max(1, total), per_epoch
 
     def configure_optimizers(self) -> dict[str, Any]:
-        no_decay = set(getattr(self.net, "no_weight_decay", lambda: set())())
-        groups = param_groups_weight_decay(self.net, self.weight_decay, no_weight_decay_list=no_decay)
         balancer_params = [p for p in self.task_balancer.parameters() if p.requires_grad]
-        if balancer_params:
-            groups.append({"params": balancer_params, "weight_decay": 0.0})
         lr = self.base_lr()
-        optimizer = self.optimizer_factory(groups, lr=lr)
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            self.net,
+            lr=lr,
+            weight_decay=self.weight_decay,
+            extra_groups=[{"params": balancer_params, "weight_decay": 0.0}] if balancer_params else [],
+        )
         total, per_epoch = self.planned_steps()
         warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * per_epoch)
         log.info(
@@ -300,11 +300,14 @@ class MultiMAEPretrainModule(pl.LightningModule):
             warmup,
         )
         self._lr_remap = StepRemap(total)
-        lr_lambda = partial(
-            _relative_lr, remap=self._lr_remap, min_ratio=self.min_lr / lr, warmup_steps=warmup
+        scheduler = warmup_cosine_scheduler(
+            optimizer,
+            total_steps=total,
+            warmup_steps=warmup,
+            min_ratio=self.min_lr / lr,
+            remap=self._lr_remap,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def resize_schedule(self, total_steps: int, *, at_step: int) -> None:
         """The plan now has ``total_steps`` steps (InfoBatch's epochs are sized when their scores are known): the
@@ -354,13 +357,3 @@ def weighted_task_loss(loss: SampleLoss, weights: Tensor | None) -> Tensor:
         return reduce_batch(loss)
     has_pixels = (loss.count > 0).to(loss.value.dtype)
     return (loss.value * weights.to(loss.value.dtype) * has_pixels).sum() / has_pixels.sum().clamp_min(1.0)
-
-
-def _relative_lr(step: int, *, remap: StepRemap, min_ratio: float, warmup_steps: int) -> float:
-    return warmup_cosine_lr(
-        remap.position(step),
-        base_lr=1.0,
-        min_lr=min_ratio,
-        warmup_steps=warmup_steps,
-        total_steps=remap.planned_total,
-    )

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from attent_vision.lightning.finetune import ClassificationModule, DepthModule, FinetuneModule
-from attent_vision.lightning.lr_schedule import warmup_cosine_lr
 from attent_vision.lightning.metrics import depth_valid_mask
+from attent_vision.lightning.optim import warmup_cosine_lr
 from attent_vision.models.heads import _main_task_tokens, _token_grid
 
 __all__ = [

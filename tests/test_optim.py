@@ -3,7 +3,7 @@ from itertools import pairwise
 
 import pytest
 
-from attent_vision.lightning.lr_schedule import warmup_cosine_lr
+from attent_vision.lightning.optim import warmup_cosine_lr
 
 
 def test_warmup_rises_linearly_then_cosine_lands_on_min_lr():
