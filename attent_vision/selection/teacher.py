@@ -27,6 +27,7 @@ from attent_vision.selection.contracts import (
     LabelledDataModule,
     PlannedSchedule,
     ResizableSchedule,
+    SelectionSnapshot,
     TeacherSetupError,
     WeightedLossModule,
     missing,
@@ -322,6 +323,21 @@ class AtteNTTeacher(pl.Callback):
 
         out_dir = self.output_dir or Path(trainer.default_root_dir)
         plot_selection(self.plan, self.history, out_dir / "selection.png")
+
+    def selection_snapshot(self) -> SelectionSnapshot:
+        """The teacher's state for observers (:class:`~attent_vision.selection.contracts.ShowsSelection`)."""
+        scores = measured = None
+        if self.bank is not None:
+            scores = self.bank.scores
+            measured = (self.bank.measured_at >= 0) & torch.isfinite(scores)
+        pool = frozenset(self.selection.indices.tolist()) if self.selection is not None else frozenset()
+        return SelectionSnapshot(
+            reselections=len(self.history),
+            last_event=self.history[-1] if self.history else {},
+            scores=scores,
+            measured=measured,
+            pool=pool,
+        )
 
     def summary_fields(self) -> dict[str, Any]:
         totals = plan_totals(self.plan) if self.plan else {}

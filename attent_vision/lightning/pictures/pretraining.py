@@ -17,40 +17,36 @@ wall time; ``summary.json`` reports them as ``reconstruction_time_s`` / ``select
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from attent_vision.lightning.visualize import colorize_labels, denormalize_rgb, log_image
+from attent_vision.lightning.pictures.drawing import (
+    PictureCallback,
+    Tile,
+    colorize_labels,
+    colorize_values,
+    denormalize_rgb,
+    log_image,
+    mosaic,
+)
+from attent_vision.selection.contracts import SelectionSnapshot, ShowsSelection
 
 __all__ = [
     "DEPTH_STD_RANGE",
     "ReconstructionGrid",
     "SelectionGallery",
-    "Tile",
-    "colorize_values",
-    "find_teacher",
     "grey_out",
-    "mosaic",
     "rank_samples",
     "raw_rgb",
-    "teacher_scores",
-    "teacher_subset",
     "token_mask_pixels",
 ]
 
@@ -60,137 +56,9 @@ MASK_GREY = np.array([128, 128, 128], dtype=np.uint8)
 # Standardised depth (per sample, by its central 80 % of values) is drawn on this fixed range, in std units, so
 # colours mean the same in every picture and every epoch.
 DEPTH_STD_RANGE = (-2.5, 2.5)
-DEPTH_CMAP = "magma_r"  # near = bright, as in the fine-tuning galleries (visualize.colorize_depth)
 THUMBNAIL_PX = 192  # raw training images are shrunk to this before drawing
 CELL_PX = 160  # tile side in the pictures
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# shared plumbing
-
-
-class _PictureCallback(pl.Callback):
-    """Run-directory output, error policy and drawing-time bookkeeping shared by the picture callbacks.
-
-    ``summary_fields`` (collected by PretrainSummary into ``summary.json``) reports ``<name>_time_s``, the seconds spent
-    drawing (they are part of the run's wall time), and ``<name>_errors`` when a drawing failed.
-    """
-
-    name = "picture"
-
-    def __init__(self, *, output_dir: str, raise_errors: bool = False) -> None:
-        self.output_dir = Path(output_dir)
-        self.raise_errors = raise_errors
-        self.errors: list[str] = []
-        self.time_s = 0.0
-
-    def _guarded(self, what: str, draw: Callable[[], Any]) -> None:
-        # A picture is never worth a training run; but a failure is reported loudly, never swallowed.
-        start = time.perf_counter()
-        try:
-            draw()
-        except Exception as exc:
-            if self.raise_errors:
-                raise
-            self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
-            log.error("%s failed; training continues without it: %s", what, exc, exc_info=True)
-        finally:
-            self.time_s += time.perf_counter() - start
-
-    def summary_fields(self) -> dict[str, Any]:
-        """Drawing time and failed drawings, for ``summary.json``."""
-        fields: dict[str, Any] = {f"{self.name}_time_s": round(self.time_s, 3)}
-        if self.errors:
-            fields[f"{self.name}_errors"] = list(self.errors)
-        return fields
-
-
-@dataclass
-class Tile:
-    """One picture of a mosaic: the image, its caption, and an optional frame colour."""
-
-    image: np.ndarray
-    caption: str
-    frame: tuple[int, int, int] | None = None
-
-
-_PAD, _GAP, _CAPTION, _HEADING = 10, 8, 17, 20
-_WHITE, _BLACK, _GREEN = (255, 255, 255), (20, 20, 20), (44, 160, 44)
-
-
-@cache
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # Matplotlib's DejaVu Sans: the same face as the run's other plots, and always installed with it.
-    try:
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size)
-    except OSError:
-        return ImageFont.load_default(size=size)
-
-
-def _fit_text(text: str, font: Any, width: int) -> str:
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + "…") > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def _wrap(text: str, font: Any, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return [*lines, line] if line else lines
-
-
-def mosaic(rows: Sequence[tuple[str, Sequence[Tile]]], title: str, *, cell: int = 160) -> np.ndarray:
-    """Rows of captioned tiles on one white canvas, drawn with PIL: (H, W, 3) uint8.
-
-    Each image is scaled to fit a ``cell``-pixel square (nearest-neighbour when enlarging, so patches stay
-    sharp). A matplotlib figure with one axes per tile costs ~1 s per picture on a small CPU; this costs ~50 ms.
-
-    Args:
-        rows: (heading, tiles) per row; an empty heading takes no space.
-        title: Wrapped over the canvas width at the top.
-        cell: Side of each tile's square, in pixels.
-    """
-    num_cols = max(1, max(len(tiles) for _, tiles in rows))
-    width = 2 * _PAD + num_cols * cell + (num_cols - 1) * _GAP
-    title_font, caption_font, heading_font = _font(14), _font(11), _font(12)
-    title_lines = _wrap(title, title_font, width - 2 * _PAD)
-    top = _PAD + 18 * len(title_lines) + _GAP
-    heights = [(_HEADING if heading else 0) + _CAPTION + cell for heading, _ in rows]
-    canvas = Image.new("RGB", (width, top + sum(heights) + _GAP * (len(rows) - 1) + _PAD), _WHITE)
-    draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(title_lines):
-        draw.text((_PAD, _PAD + 18 * i), line, fill=_BLACK, font=title_font)
-    y = top
-    for (heading, tiles), height in zip(rows, heights, strict=True):
-        if heading:
-            draw.text((_PAD, y + 2), heading, fill=_BLACK, font=heading_font)
-            y += _HEADING
-        for c, tile in enumerate(tiles):
-            x = _PAD + c * (cell + _GAP)
-            colour = tile.frame or _BLACK
-            draw.text((x, y + 2), _fit_text(tile.caption, caption_font, cell), fill=colour, font=caption_font)
-            image = Image.fromarray(np.ascontiguousarray(tile.image))
-            scale = min(cell / image.width, cell / image.height)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BOX)
-            left, upper = x + (cell - size[0]) // 2, y + _CAPTION + (cell - size[1]) // 2
-            canvas.paste(image, (left, upper))
-            if tile.frame:
-                draw.rectangle(
-                    (left - 3, upper - 3, left + size[0] + 2, upper + size[1] + 2),
-                    outline=tile.frame,
-                    width=3,
-                )
-        y += height - (_HEADING if heading else 0) + _GAP
-    return np.asarray(canvas)
+_GREEN = (44, 160, 44)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,14 +81,6 @@ def grey_out(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
     out = image.copy()
     out[masked] = MASK_GREY
     return out
-
-
-def colorize_values(values: Tensor, value_range: tuple[float, float], cmap: str = DEPTH_CMAP) -> np.ndarray:
-    """(1, H, W) or (H, W) values → (H, W, 3) uint8 on a fixed range (values outside are clipped)."""
-    array = values.detach().float().cpu().reshape(values.shape[-2:]).numpy()
-    low, high = value_range
-    rgba = plt.get_cmap(cmap)(np.clip((array - low) / max(high - low, 1e-12), 0, 1))
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
 def _colour_fn(task: str, module: Any, target: Tensor, pred: Tensor | None) -> tuple[Callable, str]:
@@ -283,7 +143,7 @@ def _val_dataset(trainer: pl.Trainer) -> Any:
     return dataset
 
 
-class ReconstructionGrid(_PictureCallback):
+class ReconstructionGrid(PictureCallback):
     """Every ``every_n_epochs`` epochs (and after the last one) draws MultiMAE reconstructions of fixed samples.
 
     For ``num_samples`` validation samples spread evenly over the split (the same ones every time, evaluation
@@ -387,45 +247,6 @@ class ReconstructionGrid(_PictureCallback):
 # selection gallery
 
 
-def find_teacher(callbacks: Sequence[Any]) -> Any | None:
-    """The AtteNT teacher among ``callbacks``, by duck typing: a ``history`` list and a score bank."""
-    for callback in callbacks:
-        if isinstance(getattr(callback, "history", None), list) and (
-            hasattr(callback, "bank") or hasattr(callback, "score_bank")
-        ):
-            return callback
-    return None
-
-
-def teacher_scores(teacher: Any) -> tuple[Tensor, Tensor] | None:
-    """(scores (N,) float32, measured (N,) bool) of the teacher's score bank, or None if it has none yet."""
-    bank = getattr(teacher, "bank", None)
-    if bank is None:
-        bank = getattr(teacher, "score_bank", None)
-    scores = getattr(bank, "scores", None)
-    if scores is None:
-        return None
-    scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-    measured_at = getattr(bank, "measured_at", None)
-    if measured_at is not None and torch.as_tensor(measured_at).numel() == scores.numel():
-        measured = torch.as_tensor(measured_at).cpu().reshape(-1) >= 0
-    else:
-        measured = torch.ones_like(scores, dtype=torch.bool)  # a bank without the bookkeeping: trust all
-    return scores, measured & torch.isfinite(scores)
-
-
-def teacher_subset(teacher: Any) -> set[int]:
-    """Dataset indices of the teacher's current pool: ``teacher.selection.indices`` or ``teacher.subset``.
-
-    Empty when the teacher exposes neither (the gallery then draws no frames).
-    """
-    selection = getattr(teacher, "selection", None)
-    for value in (getattr(selection, "indices", None), getattr(teacher, "subset", None)):
-        if value is not None:
-            return set(torch.as_tensor(value).reshape(-1).tolist())
-    return set()
-
-
 def rank_samples(scores: Tensor, measured: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Indices of the ``n`` highest (descending) and ``n`` lowest (ascending) measured scores."""
     candidates = measured.nonzero().reshape(-1)
@@ -451,13 +272,13 @@ def raw_rgb(dataset: Any, index: int, max_side: int = THUMBNAIL_PX) -> np.ndarra
     return np.asarray(image)
 
 
-class SelectionGallery(_PictureCallback):
+class SelectionGallery(PictureCallback):
     """At every re-selection of the AtteNT teacher, draws its highest- and lowest-scored training images.
 
-    The teacher is not edited: at each training epoch start (the teacher, last in the callback list, has prepared
-    the epoch by then) this callback looks at the teacher's ``history`` and draws when it grew. Scores come from
-    the teacher's score bank (never-measured samples are left out); images are the raw files of the training set
-    (``train_dataset().load(index)``), not augmented. Samples in the new subset have a green frame.
+    At each training epoch start (the teacher, last in the callback list, has prepared the epoch by then) this
+    callback asks the teacher for its :class:`~attent_vision.selection.contracts.SelectionSnapshot` and draws when
+    the number of re-selections grew. Never-measured samples are left out; images are the raw files of the training
+    set (``train_dataset().load(index)``), not augmented. Samples in the new pool have a green frame.
 
     Args:
         output_dir: Run directory; images go to ``selection_gallery/epoch_NNN.png`` (the re-selection's epoch).
@@ -474,59 +295,44 @@ class SelectionGallery(_PictureCallback):
         self.num_images = num_images
         self._seen = 0
         self._warned = False
-        self._warned_pool = False
 
-    def _teacher(self, trainer: pl.Trainer) -> Any | None:
-        teacher = find_teacher(trainer.callbacks)
+    def _teacher(self, trainer: pl.Trainer) -> ShowsSelection | None:
+        teacher = next((cb for cb in trainer.callbacks if isinstance(cb, ShowsSelection)), None)
         if teacher is None and not self._warned:
             self._warned = True
             log.warning(
-                "selection gallery: no AtteNT teacher (a callback with `history` and a score `bank`) among the "
-                "callbacks; no galleries will be drawn"
+                "selection gallery: no AtteNT teacher among the callbacks; no galleries will be drawn"
             )
         return teacher
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run restored the teacher's history before this hook: its galleries exist already.
         teacher = self._teacher(trainer)
-        self._seen = len(teacher.history) if teacher is not None else 0
+        self._seen = teacher.selection_snapshot().reselections if teacher is not None else 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         teacher = self._teacher(trainer)
-        if teacher is None or len(teacher.history) <= self._seen:
+        snapshot = teacher.selection_snapshot() if teacher is not None else None
+        if snapshot is None or snapshot.reselections <= self._seen:
             return
-        self._seen = len(teacher.history)
-        event = teacher.history[-1] if isinstance(teacher.history[-1], Mapping) else {}
-        epoch = int(event.get("epoch", trainer.current_epoch))
-        self._guarded(
-            f"selection gallery of epoch {epoch}", lambda: self.draw(trainer, teacher, event, epoch)
-        )
+        self._seen = snapshot.reselections
+        epoch = int(snapshot.last_event.get("epoch", trainer.current_epoch))
+        self._guarded(f"selection gallery of epoch {epoch}", lambda: self.draw(trainer, snapshot, epoch))
 
     @rank_zero_only
-    def draw(self, trainer: pl.Trainer, teacher: Any, event: Mapping[str, Any], epoch: int) -> Path | None:
+    def draw(self, trainer: pl.Trainer, snapshot: SelectionSnapshot, epoch: int) -> Path | None:
         """Draws the gallery of the teacher's latest re-selection; None when nothing was scored."""
-        found = teacher_scores(teacher)
-        if found is None:
-            if not self._warned:
-                self._warned = True
-                log.warning("selection gallery: the teacher's score bank has no `scores`; no galleries")
-            return None
-        scores, measured = found
-        if not measured.any():  # e.g. random selection: nothing is scored
+        if snapshot.scores is None or not snapshot.measured.any():  # e.g. random selection: nothing is scored
             log.info(
                 "selection gallery: no sample scored for the re-selection of epoch %d; none drawn", epoch
             )
             return None
+        scores, measured = snapshot.scores.detach().float().cpu(), snapshot.measured.cpu()
         dataset = trainer.datamodule.train_dataset()
         if len(dataset) != scores.numel():
             raise ValueError(f"the score bank holds {scores.numel()} scores, the training set {len(dataset)}")
         top, bottom = rank_samples(scores, measured, self.num_images)
-        chosen = teacher_subset(teacher)
-        if not chosen and event.get("k") and not self._warned_pool:
-            self._warned_pool = True
-            log.warning(
-                "selection gallery: the teacher exposes no pool (selection.indices / subset); no frames"
-            )
+        chosen = snapshot.pool
 
         def tiles(indices: Tensor) -> list[Tile]:
             return [
@@ -539,10 +345,10 @@ class SelectionGallery(_PictureCallback):
             ]
 
         rows = [("highest scores (hardest)", tiles(top)), ("lowest scores (easiest)", tiles(bottom))]
-        k = event.get("k", len(chosen) or "?")
+        event = snapshot.last_event
         title = (
             f"AtteNT re-selection for epoch {epoch} (cycle {event.get('cycle', '?')}, "
-            f"{event.get('strategy', getattr(teacher, 'strategy', '?'))}): {int(measured.sum())} scored, k = {k} "
+            f"{event.get('strategy', '?')}): {int(measured.sum())} scored, k = {event.get('k', len(chosen))} "
             "selected (green frame and caption)"
         )
         path = self.output_dir / "selection_gallery" / f"epoch_{epoch:03d}.png"

@@ -1,8 +1,7 @@
 """Pictures of a fine-tuning run: prediction galleries and the segmentation confusion matrix.
 
-Files go into the run directory (``predictions/epoch_NNN.png``, ``confusion_matrix.png``) and, when such loggers
-are active, to TensorBoard (``add_image``) and W&B (``log_image``). ``log_figure`` / ``log_image`` and the colour
-helpers are shared with the pretraining pictures (``attent_vision.lightning.pretrain_pictures``).
+Files go into the run directory (``predictions/epoch_NNN.png``, ``confusion_matrix.png``) and to the active image
+loggers.
 """
 
 from __future__ import annotations
@@ -12,113 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
 from torch import Tensor
 
-from attent_vision.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from attent_vision.lightning.pictures.drawing import (
+    colorize_depth,
+    colorize_labels,
+    denormalize_rgb,
+    grid_figure,
+    log_figure,
+)
 
-__all__ = [
-    "PredictionGallery",
-    "colorize_depth",
-    "colorize_labels",
-    "denormalize_rgb",
-    "log_figure",
-    "log_image",
-    "plot_confusion_matrix",
-]
+__all__ = ["PredictionGallery", "plot_confusion_matrix"]
 
 log = logging.getLogger(__name__)
-
-_IGNORED_COLOUR = np.array([0, 0, 0], dtype=np.uint8)
-
-
-def denormalize_rgb(rgb: Tensor) -> np.ndarray:
-    """(3, H, W) ImageNet-normalised → (H, W, 3) uint8."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    image = (rgb.detach().float().cpu() * std + mean).clamp(0, 1)
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def _palette(num_classes: int) -> np.ndarray:
-    cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
-    colours = [cmap(i % cmap.N)[:3] for i in range(num_classes)]
-    return (np.array(colours) * 255).round().astype(np.uint8)
-
-
-def colorize_labels(labels: Tensor, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """(H, W) class ids → (H, W, 3) uint8; ignored pixels black."""
-    ids = labels.detach().cpu().numpy().astype(np.int64)
-    out = _palette(num_classes)[np.clip(ids, 0, num_classes - 1)]
-    out[(ids == ignore_index) | (ids < 0) | (ids >= num_classes)] = _IGNORED_COLOUR
-    return out
-
-
-def colorize_depth(depth: Tensor, *, max_depth: float, valid: Tensor | None = None) -> np.ndarray:
-    """(1, H, W) or (H, W) metres → (H, W, 3) uint8 with a fixed 0..max_depth scale; invalid pixels black."""
-    values = depth.detach().float().cpu().reshape(depth.shape[-2:]).numpy()
-    rgba = plt.get_cmap("magma_r")(np.clip(values / max_depth, 0, 1))
-    out = (rgba[..., :3] * 255).round().astype(np.uint8)
-    if valid is not None:
-        out[~valid.detach().cpu().reshape(depth.shape[-2:]).numpy()] = _IGNORED_COLOUR
-    return out
-
-
-def _grid_figure(rows: list[list[tuple[str, np.ndarray]]], title: str) -> plt.Figure:
-    num_cols = max(len(row) for row in rows)
-    fig, axes = plt.subplots(len(rows), num_cols, figsize=(2.2 * num_cols, 2.2 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        for c in range(num_cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(row):
-                caption, image = row[c]
-                ax.imshow(image, interpolation="nearest")
-                ax.set_title(caption, fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _figure_to_array(fig: plt.Figure) -> np.ndarray:
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def _image_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger | WandbLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger | WandbLogger)]
-
-
-def _send_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int) -> None:
-    for logger in _image_loggers(trainer):
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
-        else:
-            logger.log_image(key=key, images=[image], step=step)
-
-
-def log_figure(trainer: pl.Trainer, key: str, fig: plt.Figure, path: Path, step: int) -> None:
-    """Saves ``fig`` as PNG and sends it to the active image-capable loggers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    if _image_loggers(trainer):  # rendering the figure again costs as much as saving it
-        _send_image(trainer, key, _figure_to_array(fig), step)
-    plt.close(fig)
-
-
-def log_image(trainer: pl.Trainer, key: str, image: np.ndarray, path: Path, step: int) -> None:
-    """Saves an (H, W, 3) uint8 picture as PNG and sends it to the active image-capable loggers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    _send_image(trainer, key, image, step)
 
 
 def plot_confusion_matrix(confusion: Tensor, class_names: list[str] | None = None) -> plt.Figure:
@@ -222,7 +130,7 @@ class PredictionGallery(pl.Callback):
         prediction = pl_module.predict_batch(device_batch).cpu()
         pl_module.train(was_training)
         epoch = trainer.current_epoch
-        fig = _grid_figure(self._rows(pl_module, batch, prediction), f"{pl_module.task}: epoch {epoch}")
+        fig = grid_figure(self._rows(pl_module, batch, prediction), f"{pl_module.task}: epoch {epoch}")
         path = self.output_dir / "predictions" / f"epoch_{epoch:03d}.png"
         log_figure(trainer, "val/predictions", fig, path, trainer.global_step)
         return path
