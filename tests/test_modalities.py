@@ -12,8 +12,9 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from attent_vision.config import validate_pretrain_config
-from attent_vision.data import MultiModalFolder, MultiModalTransform, to_tensors
+from attent_vision.data.folder import MultiModalFolder
 from attent_vision.data.modalities import MODALITIES, Modality, output_tasks, read_rgb, read_semseg
+from attent_vision.data.transforms import MultiModalTransform, to_tensors
 from attent_vision.lightning.pretrain import MultiMAEPretrainModule
 from attent_vision.models import (
     MaskedCrossEntropyLoss,

@@ -9,7 +9,7 @@ The fine-tuning tasks read exactly what they read on real data, so the default r
                                                              1..8 with 0 = unlabeled
     root/<kind>/meta.json                                    written last; marks a complete dataset
 
-Scenes come from the pretraining generator (`synthetic.render_scene`) with their own seed and split codes, so no
+Scenes come from the pretraining generator (`render.render_scene`) with their own seed and split codes, so no
 downstream image is a pretraining image (tests/test_finetune_data.py checks that). Like the real NYUv2, the depth maps
 have holes (no reading beyond the sensor range) and the label maps leave object boundaries unlabeled, so the ignore
 and valid-pixel paths of the losses and metrics are exercised by default.
@@ -31,7 +31,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from .synthetic import IMAGE_CLASSES, MAX_DEPTH_M, SEMSEG_CLASSES, locked_generation, render_scene
+from ..constants import NYU_DEPTH_SCALE
+from .cache import locked_generation
+from .render import MAX_DEPTH_M, render_scene
+from .scenes import IMAGE_CLASSES, SEMSEG_CLASSES
 
 __all__ = [
     "NYU_DEPTH_SCALE",
@@ -44,7 +47,6 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 # NYUv2 as `prepare nyuv2` (and the MultiMAE preparation) writes it: uint16 = metres x 65536 / 10.
-NYU_DEPTH_SCALE = 65536.0 / 10.0
 # Split codes mixed into every sample's seed; the pretraining generator uses 0 (train) and 1 (val).
 _SPLIT_CODE = {("cls", "train"): 10, ("cls", "val"): 11, ("nyu", "train"): 20, ("nyu", "test"): 21}
 _META = "meta.json"
