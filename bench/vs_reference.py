@@ -230,7 +230,7 @@ def build_ours(
     from hydra.utils import instantiate
 
     import attent_vision.config  # noqa: F401  (registers the config resolvers)
-    from attent_vision.models.multimae import MODEL_SIZES
+    from attent_vision.models.builders import MODEL_SIZES
 
     extra = [f"data.input_size={image_size}"] if image_size else []
     extra.append(f"data.num_classes={CLASSES.get(model, 133)}")  # as bench/throughput.py: micro's data has 8
@@ -248,7 +248,7 @@ def build_ours(
 
 def geometry_of(module: nn.Module, cfg: Any) -> dict[str, Any]:
     """The shapes both models are built with, read from our composed config and network."""
-    from attent_vision.models.multimae import MODEL_SIZES
+    from attent_vision.models.builders import MODEL_SIZES
 
     net, ncfg = module.net, cfg.model.net
     masking = net.masking

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from attent_vision.lightning.finetune import ClassificationModule, DepthModule, FinetuneModule
 from attent_vision.lightning.metrics import depth_valid_mask
 from attent_vision.lightning.optim import warmup_cosine_lr
-from attent_vision.models.heads import _main_task_tokens, _token_grid
+from attent_vision.models.heads import main_task_tokens, token_grid
 
 __all__ = [
     "FeatureKind",
@@ -140,8 +140,8 @@ def extract_features(
             if kind == "pooled":
                 feats = net.output_adapters[module.task].pool(tokens, info)  # [B, D]
             else:
-                grid = _token_grid(info, patch_size)
-                patches = _main_task_tokens(tokens, info, module.inputs, grid)  # [B, h·w, D·T]
+                grid = token_grid(info, patch_size)
+                patches = main_task_tokens(tokens, info, module.inputs, grid)  # [B, h·w, D·T]
                 feats = rearrange(patches, "b (h w) d -> b d h w", h=grid[0], w=grid[1])
         features.append(feats.float().cpu())
         targets.append(_narrow(module.target(batch).cpu()))

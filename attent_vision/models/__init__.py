@@ -3,6 +3,7 @@
 Nothing here imports Lightning; the LightningModules in ``attent_vision.lightning`` own training logic.
 """
 
+from attent_vision.models.builders import MODEL_SIZES, build_pretrain_multimae
 from attent_vision.models.checkpoint import (
     LoadReport,
     MissingEncoderWeightsError,
@@ -38,12 +39,7 @@ from attent_vision.models.masking import (
     ids_from_task_masks,
     sample_task_shares,
 )
-from attent_vision.models.multimae import (
-    MODEL_SIZES,
-    EncoderOutput,
-    MultiMAE,
-    build_pretrain_multimae,
-)
+from attent_vision.models.multimae import EncoderOutput, MultiMAE
 from attent_vision.models.multivit import MultiViT, build_multivit
 from attent_vision.models.output_adapters import CrossAttention, InputInfo, SpatialOutputAdapter, TaskTokens
 from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_to_tokens, resize_pos_embed

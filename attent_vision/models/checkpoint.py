@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from timm.models import clean_state_dict
 from torch import Tensor, nn
 
+from attent_vision.models.builders import MODEL_SIZES
 from attent_vision.models.checkpoint_keys import is_timm_vit, timm_vit_to_multimae
-from attent_vision.models.multimae import MODEL_SIZES
 from attent_vision.models.pos_embed import resize_pos_embed
 
 __all__ = [
