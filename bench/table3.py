@@ -396,9 +396,9 @@ def compose(config: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import attent_vision.config  # noqa: F401  (registers the config resolvers)
+    from attent_vision.config import PRIMARY_CONFIG_DIRS  # importing it registers the config resolvers
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS[config]), version_base="1.3"):
         return hydra_compose(config, overrides=[*overrides, f"paths.root_dir={ROOT}"])
 
 
@@ -443,7 +443,7 @@ def sizes_for(schedule: str, out: Path) -> Sizes:
                 *data,
             ]
         else:
-            # The probes' own recipes (conf/probe): one feature pass per split, then seconds of head training.
+            # The probes' own recipes (attent_vision/conf/finetune/probe): one feature pass per split, then seconds of head training.
             evals[name] = list(data)
     return Sizes(schedule=schedule, pretrain=pretrain, evals=evals, epochs=epochs, warmup_epochs=warmup)
 

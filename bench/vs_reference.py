@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from throughput import CLASSES, ROOT, device_name, make_batch  # noqa: E402  (bench/ is not a package)
+from throughput import CLASSES, device_name, make_batch  # noqa: E402  (bench/ is not a package)
 
 EXPECTED = "a local checkout of https://github.com/EPFL-VILAB/MultiMAE (the folder that contains multimae/multimae.py)"
 
@@ -241,7 +241,9 @@ def build_ours(
         size = f"bench_{dim}x{depth}x{heads}"
         MODEL_SIZES[size] = {"dim_tokens": dim, "depth": depth, "num_heads": heads}
         extra.append(f"model.net.size={size}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    from attent_vision.config import PRIMARY_CONFIG_DIRS
+
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS["train"]), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model}", *extra, *overrides])
     return instantiate(cfg.model), cfg, size or cfg.model.net.size
 
@@ -403,7 +405,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference-dir", type=Path, required=True, help=f"{EXPECTED}")
-    parser.add_argument("--model", default="micro", help="our model config (conf/model), default micro")
+    parser.add_argument("--model", default="micro", help="our model config (attent_vision/conf/pretrain/model), default micro")
     parser.add_argument(
         "--encoder",
         default="192:4:3",

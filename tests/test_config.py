@@ -1,5 +1,6 @@
 """Every config option composes and instantiates; bad values fail at start-up naming the key."""
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,46 +18,41 @@ from attent_vision.runs.kit import build_trainer, instantiate_group
 from attent_vision.runs.pretrain import build_teacher
 from attent_vision.runs.rng_capture import RngStateCapture
 from attent_vision.runs.summary import FinetuneSummary, PretrainSummary
-from tests.conftest import CONF_DIR, TINY_OVERRIDES, read_summary, run_train
+from tests.conftest import CONF_DIR, PRIMARY_CONFIG_DIRS, TINY_OVERRIDES, read_summary, run_train
+
+SCRIPT_DIRS = {"train": PRIMARY_CONFIG_DIRS["train"], "finetune": PRIMARY_CONFIG_DIRS["finetune"]}
+SHARED_DIR = CONF_DIR / "shared"
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+def options(group: str, script: str = "train") -> list[str]:
+    """The options of ``group`` as ``script`` sees them: its own folder's and the shared folder's."""
+    folders = (SCRIPT_DIRS[script] / group, SHARED_DIR / group)
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
 
 
 def groups(script: str) -> list[str]:
-    """The config groups of ``conf/<script>.yaml``'s defaults list, with their nested groups (``hydra/launcher``)."""
+    """The config groups of ``<script>.yaml``'s defaults list, with their nested groups (``hydra/launcher``)."""
     names = []
-    for entry in OmegaConf.load(CONF_DIR / f"{script}.yaml").defaults:
+    for entry in OmegaConf.load(SCRIPT_DIRS[script] / f"{script}.yaml").defaults:
         if isinstance(entry, str):  # _self_
             continue
         (key,) = entry.keys()
         group = key.removeprefix("optional ").removeprefix("override ").strip()
         names.append(group)
-        names += [f"{group}/{d.name}" for d in sorted((CONF_DIR / group).iterdir()) if d.is_dir()]
-    return names
-
-
-# Options written for the other entry point's primary config (they name keys only that one has).
-OWNER = {
-    ("callbacks", "default"): "train",
-    ("callbacks", "finetune"): "finetune",
-    ("hydra", "finetune"): "finetune",
-}
-
-
-def owner(group: str, option: str) -> str | None:
-    if group == "experiment":
-        return "finetune" if option.startswith("ft_") else "train"
-    return OWNER.get((group, option))
+        for folder in (SCRIPT_DIRS[script] / group, SHARED_DIR / group):
+            names += (
+                [f"{group}/{d.name}" for d in sorted(folder.iterdir()) if d.is_dir()]
+                if folder.is_dir()
+                else []
+            )
+    return list(dict.fromkeys(names))
 
 
 def every_option() -> Iterator[Any]:
     for script in ("train", "finetune"):
         for group in groups(script):
-            for option in options(group):
-                if owner(group, option) in (None, script):
-                    yield pytest.param(script, group, option, id=f"{script}-{group}={option}")
+            for option in options(group, script):
+                yield pytest.param(script, group, option, id=f"{script}-{group}={option}")
 
 
 def target_paths(node: Any, path: str = "") -> Iterator[str]:
@@ -358,3 +354,44 @@ def test_native_bf16_is_read_from_the_cpu_flags():
         "flags\t\t: fpu sse avx2 avx512f avx512bw\n"
     )  # AVX2/AVX-512 only: emulated
     assert not cpu_has_native_bf16("model name\t: bf16 in a name is not a flag\n")
+
+
+@pytest.mark.parametrize(
+    ("script", "own", "foreign"),
+    [
+        (
+            "train",
+            ["model:", "selection:", "ratio:", "scoring:"],
+            ["task:", "encoder:", "probe:", "_multimae"],
+        ),
+        ("finetune", ["task:", "encoder:", "probe:"], ["model:", "selection:", "ratio:", "_multimae"]),
+    ],
+)
+def test_help_lists_only_its_own_groups_and_the_shared_ones(script, own, foreign) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    groups = proc.stdout.split("== Config ==")[0]
+    for name in [*own, "trainer: cpu, ddp, ddp_cpu, default, gpu", "logger:", "cluster:"]:
+        assert f"\n{name}" in groups, (script, name)
+    for name in foreign:
+        assert name not in groups, (script, name)
+
+
+def test_the_shared_groups_written_into_help_are_the_shared_folders() -> None:
+    shared = CONF_DIR / "shared"
+    for script in ("train", "finetune"):
+        template = OmegaConf.load(SCRIPT_DIRS[script] / "hydra" / "default.yaml").help.template
+        for group in ("callbacks", "cluster", "hydra/launcher", "logger", "paths", "trainer"):
+            listed = sorted(p.stem for p in (shared / group).glob("*.yaml"))
+            assert f"{group}: {', '.join(listed)}" in template, (script, group)
+
+
+def test_a_fine_tuning_experiment_is_not_an_option_of_train_py(compose_cfg, compose_finetune) -> None:
+    with pytest.raises(MissingConfigException, match=r"experiment/ft_nyuv2_depth(.|\n)*smoke"):
+        compose_cfg("experiment=ft_nyuv2_depth")
+    with pytest.raises(MissingConfigException, match="experiment/smoke"):
+        compose_finetune("experiment=smoke")

@@ -1,6 +1,6 @@
 """Scorers: how the score bank is filled — a forward-only pass over the training set, or online from training.
 
-A scorer is what ``conf/scoring/<name>.yaml`` builds. The teacher asks it before a re-selection whether a full
+A scorer is what ``attent_vision/conf/pretrain/scoring/<name>.yaml`` builds. The teacher asks it before a re-selection whether a full
 pass is due (:meth:`Scorer.needs_pass`), runs it (:meth:`Scorer.score`), and hands it every training step's
 outputs (:meth:`Scorer.observe`). Indices always travel as int64 in their own tensor: a float tensor cannot hold
 large indices exactly (bf16 loses them above 256).

@@ -1,6 +1,6 @@
 """Pictures of a pretraining run: MultiMAE reconstruction grids and the AtteNT teacher's selection galleries.
 
-Two Lightning callbacks (``conf/callbacks/default.yaml``):
+Two Lightning callbacks (``attent_vision/conf/pretrain/callbacks/default.yaml``):
 
 * :class:`ReconstructionGrid` draws masked input, prediction and target of every input modality for the same few
   validation samples, with the validation masks (``module.val_mask_seeds``): ``reconstructions/epoch_NNN.png``.
