@@ -10,8 +10,8 @@
 ``output_adapters.py``, ``output_adapter_utils.py`` and ``criterion.py``.
 
 Both models get the same geometry: our ``--model`` config (default micro: 64 px, patch 8, its decoders and token
-budget) with the encoder width/depth/heads of ``--encoder`` (default 192:4:3, the setting of the measurement in
-the issue; ``config`` keeps the model size's own), the same rgb/depth/semseg inputs and outputs plus the extra
+budget) with the encoder width/depth/heads of ``--encoder`` (default 192:4:3, the setting of the measurement on
+a Xeon with AMX, docs/benchmarks.md section 8; ``config`` keeps the model size's own), the same rgb/depth/semseg inputs and outputs plus the extra
 ``norm_rgb`` output, the same semseg classes, one global token, and the same number of encoded tokens. The
 reference is built as its ``pretrain_multimae_*`` builders build it, with these dimensions.
 
