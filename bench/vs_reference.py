@@ -405,7 +405,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference-dir", type=Path, required=True, help=f"{EXPECTED}")
-    parser.add_argument("--model", default="micro", help="our model config (attent_vision/conf/pretrain/model), default micro")
+    parser.add_argument(
+        "--model", default="micro", help="our model config (attent_vision/conf/pretrain/model), default micro"
+    )
     parser.add_argument(
         "--encoder",
         default="192:4:3",
