@@ -39,7 +39,6 @@ RUN bash scripts/install.sh "${INSTALL_EXTRAS}" \
     && chown -R "${UID}:${GID}" /app
 
 COPY --chown=${UID}:${GID} attent_vision ./attent_vision
-COPY --chown=${UID}:${GID} conf ./conf
 COPY --chown=${UID}:${GID} scripts ./scripts
 COPY --chown=${UID}:${GID} train.py finetune.py ./
 

@@ -3,11 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
-from attent_vision.cli import run_entry_point
-from attent_vision.run_finetune import run_finetuning
+from attent_vision.runs.cli import run_entry_point
+from attent_vision.runs.finetune import run_finetuning
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
+@hydra.main(version_base="1.3", config_path="pkg://attent_vision.conf.finetune", config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
     return run_entry_point(run_finetuning, cfg)
 

@@ -3,11 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
-from attent_vision.cli import run_entry_point
-from attent_vision.run import run_pretraining
+from attent_vision.runs.cli import run_entry_point
+from attent_vision.runs.pretrain import run_pretraining
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://attent_vision.conf.pretrain", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     return run_entry_point(run_pretraining, cfg)
 

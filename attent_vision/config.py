@@ -16,6 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from attent_vision.data.modalities import MODALITIES, output_tasks
 
+CONF_ROOT = Path(__file__).resolve().parent / "conf"
+# The folder of each entry point's primary config (its own groups); the shared groups come from CONF_ROOT / "shared"
+# through the primary config's hydra.searchpath.
+PRIMARY_CONFIG_DIRS: dict[str, Path] = {"train": CONF_ROOT / "pretrain", "finetune": CONF_ROOT / "finetune"}
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""

@@ -15,15 +15,23 @@ stream          keyed by                     draws
 =============== ============================ ===========================================================
 
 A stream's base is ``SeedSequence(seed, spawn_key=(stream id, *keys))`` — SeedSequence's own way of naming
-independent children. Per-sample seeds then mix the index into that 64-bit base with SplitMix64's finaliser, a
-cheap bijection: vectorised over a batch (``item_seeds``) or one Python integer at a time (``item_seed``), so a
-batch costs one SeedSequence call, not one per sample. All seeds are non-negative 63-bit integers, which
-``torch.Generator.manual_seed`` and ``numpy`` accept as they are.
+independent children. Per-sample seeds then mix the index into that 64-bit base with SplitMix64's finaliser
+(:func:`splitmix64`, a cheap bijection), vectorised over a batch (``item_seeds``), so a batch costs one SeedSequence
+call, not one per sample. All seeds are non-negative 63-bit integers, which ``torch.Generator.manual_seed`` and
+``numpy`` accept as they are. The masks' counter-based draws (:mod:`attent_vision.models.counter_rng`) hash with the
+same :func:`splitmix64`: it is written once, here.
+
+The process-wide generators (torch, CUDA, numpy, Python) are not derived from streams: dropout, drop-path, mixup
+and reference-mode masks draw from them. :func:`capture_rng_state` / :func:`restore_rng_state` put their states
+into checkpoints (the teacher's and the run-level ``RngStateCapture``'s) so a resumed run draws what an
+uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import random
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +47,28 @@ STREAMS: dict[str, int] = {
 }
 
 _MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-_NP_GAMMA, _NP_MIX1, _NP_MIX2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
-_ONE, _S27, _S30, _S31 = np.uint64(1), np.uint64(27), np.uint64(30), np.uint64(31)
+
+
+def _signed(value: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+GAMMA = _signed(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio), as int64 bits
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic on signed integers)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser, elementwise on int64 tensors read as uint64 bits (wrapping arithmetic)."""
+    z = (z ^ shift_right(z, 30)) * _MIX1
+    z = (z ^ shift_right(z, 27)) * _MIX2
+    return z ^ shift_right(z, 31)
 
 
 def _stream_id(stream: str) -> int:
@@ -66,24 +91,41 @@ def stream_seed(stream: str, seed: int, *keys: int) -> int:
     return stream_base(stream, seed, *keys) >> 1
 
 
-def _splitmix(value: int) -> int:
-    z = value & _MASK64
-    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
-    return z ^ (z >> 31)
-
-
 def item_seed(stream: str, seed: int, *keys: int, index: int) -> int:
-    """The seed of one sample ``index`` in ``stream`` (keyed by seed and ``keys``); about 1 µs per call."""
-    return _splitmix(stream_base(stream, seed, *keys) + (index + 1) * _GAMMA) >> 1
+    """The seed of one sample ``index`` in ``stream`` (keyed by seed and ``keys``), as :func:`item_seeds` gives it."""
+    return int(item_seeds(stream, seed, *keys, index=torch.tensor([index]))[0])
 
 
 def item_seeds(stream: str, seed: int, *keys: int, index: Tensor) -> Tensor:
-    """Per-sample seeds (B,) int64 on the CPU for the dataset indices ``index``, equal to :func:`item_seed`."""
-    base = np.uint64(stream_base(stream, seed, *keys))
-    # Array arithmetic on uint64 wraps modulo 2^64 without warnings, as SplitMix64 intends.
-    z = (index.detach().cpu().numpy().astype(np.uint64) + _ONE) * _NP_GAMMA + base
-    z = (z ^ (z >> _S30)) * _NP_MIX1
-    z = (z ^ (z >> _S27)) * _NP_MIX2
-    z = z ^ (z >> _S31)
-    return torch.from_numpy((z >> _ONE).astype(np.int64))
+    """Per-sample seeds (B,) int64 on the CPU for the dataset indices ``index``."""
+    base = _signed(stream_base(stream, seed, *keys))
+    z = (index.detach().cpu().long() + 1) * GAMMA + base  # [B], wrapping modulo 2^64 as SplitMix64 intends
+    return shift_right(splitmix64(z), 1)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The process-wide RNG states as plain tensors and numbers that load with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Sets the process-wide generators to what :func:`capture_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    random.setstate(state["python"])

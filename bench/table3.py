@@ -199,7 +199,7 @@ EVAL_GROUPS = {
     "all": list(EVALS),
 }
 LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10"})
-# Fine-tuning numbers of table3.json files written before the stages had names (docs/benchmarks/table3.json).
+# Fine-tuning numbers of table3.json files written before the stages had names (docs/benchmarks/table3_mini_pilot.json).
 LEGACY_KEYS = {"top1": "ft_cls.top1", "mIoU": "ft_semseg.mIoU", "delta1": "ft_depth.delta1"}
 
 
@@ -226,8 +226,8 @@ MARGINS: dict[str, dict[str, float | None]] = {
         "linear_depth.delta1": 2.52,  # 2.0 x std 1.258
         "linear_depth.abs_rel": 0.00843,  # 2.0 x std 0.004213 (lower is better: the row's high end must stay below)
     },
-    # From the mini schedule's full-data row in docs/benchmarks/table3.json (3 seeds, fine-tuning only; measured
-    # before this rule existed): 2.0 x its seed std, `--margins-from docs/benchmarks/table3.json`.
+    # From the mini schedule's full-data row in docs/benchmarks/table3_mini_pilot.json (3 seeds, fine-tuning only; measured
+    # before this rule existed): 2.0 x its seed std, `--margins-from docs/benchmarks/table3_mini_pilot.json`.
     "mini": {
         "ft_cls.top1": 12.4,  # 2.0 x 6.18 (top-1 46.9 / 58.9 / 55.5 over seeds 0 1 2)
         "ft_semseg.mIoU": 0.70,  # 2.0 x 0.350
@@ -396,9 +396,9 @@ def compose(config: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import attent_vision.config  # noqa: F401  (registers the config resolvers)
+    from attent_vision.config import PRIMARY_CONFIG_DIRS  # importing it registers the config resolvers
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS[config]), version_base="1.3"):
         return hydra_compose(config, overrides=[*overrides, f"paths.root_dir={ROOT}"])
 
 
@@ -443,7 +443,7 @@ def sizes_for(schedule: str, out: Path) -> Sizes:
                 *data,
             ]
         else:
-            # The probes' own recipes (conf/probe): one feature pass per split, then seconds of head training.
+            # The probes' own recipes (attent_vision/conf/finetune/probe): one feature pass per split, then seconds of head training.
             evals[name] = list(data)
     return Sizes(schedule=schedule, pretrain=pretrain, evals=evals, epochs=epochs, warmup_epochs=warmup)
 

@@ -39,9 +39,9 @@ def build_module(size: str, image_size: int):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import attent_vision.config  # noqa: F401  (registers the config resolvers)
+    from attent_vision.config import PRIMARY_CONFIG_DIRS  # importing it registers the config resolvers
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS["train"]), version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
@@ -185,9 +185,9 @@ def measure_loader(row: dict, epochs: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import attent_vision.config  # noqa: F401
+    from attent_vision.config import PRIMARY_CONFIG_DIRS  # importing it registers the config resolvers
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS["train"]), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.root_dir={ROOT}"])
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -10,8 +10,8 @@
 ``output_adapters.py``, ``output_adapter_utils.py`` and ``criterion.py``.
 
 Both models get the same geometry: our ``--model`` config (default micro: 64 px, patch 8, its decoders and token
-budget) with the encoder width/depth/heads of ``--encoder`` (default 192:4:3, the setting of the measurement in
-the issue; ``config`` keeps the model size's own), the same rgb/depth/semseg inputs and outputs plus the extra
+budget) with the encoder width/depth/heads of ``--encoder`` (default 192:4:3, the setting of the measurement on
+a Xeon with AMX, docs/benchmarks.md section 8; ``config`` keeps the model size's own), the same rgb/depth/semseg inputs and outputs plus the extra
 ``norm_rgb`` output, the same semseg classes, one global token, and the same number of encoded tokens. The
 reference is built as its ``pretrain_multimae_*`` builders build it, with these dimensions.
 
@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from throughput import CLASSES, ROOT, device_name, make_batch  # noqa: E402  (bench/ is not a package)
+from throughput import CLASSES, device_name, make_batch  # noqa: E402  (bench/ is not a package)
 
 EXPECTED = "a local checkout of https://github.com/EPFL-VILAB/MultiMAE (the folder that contains multimae/multimae.py)"
 
@@ -230,7 +230,7 @@ def build_ours(
     from hydra.utils import instantiate
 
     import attent_vision.config  # noqa: F401  (registers the config resolvers)
-    from attent_vision.models.multimae import MODEL_SIZES
+    from attent_vision.models.builders import MODEL_SIZES
 
     extra = [f"data.input_size={image_size}"] if image_size else []
     extra.append(f"data.num_classes={CLASSES.get(model, 133)}")  # as bench/throughput.py: micro's data has 8
@@ -241,14 +241,16 @@ def build_ours(
         size = f"bench_{dim}x{depth}x{heads}"
         MODEL_SIZES[size] = {"dim_tokens": dim, "depth": depth, "num_heads": heads}
         extra.append(f"model.net.size={size}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    from attent_vision.config import PRIMARY_CONFIG_DIRS
+
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS["train"]), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model}", *extra, *overrides])
     return instantiate(cfg.model), cfg, size or cfg.model.net.size
 
 
 def geometry_of(module: nn.Module, cfg: Any) -> dict[str, Any]:
     """The shapes both models are built with, read from our composed config and network."""
-    from attent_vision.models.multimae import MODEL_SIZES
+    from attent_vision.models.builders import MODEL_SIZES
 
     net, ncfg = module.net, cfg.model.net
     masking = net.masking
@@ -296,7 +298,7 @@ def make_optimizer(
 def our_step(module: nn.Module, optimizer: torch.optim.Optimizer, autocast: Callable[[], Any]) -> Callable:
     """One step of ``MultiMAEPretrainModule.training_step`` (its loss reduction and task balancing; without the
     logging and the non-finite check) plus backward and the optimizer step, as Lightning runs them."""
-    from attent_vision.tasks.pretrain import weighted_task_loss
+    from attent_vision.lightning.pretrain import weighted_task_loss
 
     def step(batch: dict[str, Tensor], masks: Any, parts: dict[str, float]) -> Tensor:
         start = time.perf_counter()
@@ -403,7 +405,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference-dir", type=Path, required=True, help=f"{EXPECTED}")
-    parser.add_argument("--model", default="micro", help="our model config (conf/model), default micro")
+    parser.add_argument(
+        "--model", default="micro", help="our model config (attent_vision/conf/pretrain/model), default micro"
+    )
     parser.add_argument(
         "--encoder",
         default="192:4:3",

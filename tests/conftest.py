@@ -25,12 +25,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import attent_vision.config  # noqa: F401  (resolvers)
+from attent_vision.config import CONF_ROOT, PRIMARY_CONFIG_DIRS  # importing it registers the resolvers
 
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = CONF_ROOT  # attent_vision/conf: pretrain/, finetune/ and shared/
 
 # Tiny, fast settings shared by the end-to-end tests (a few seconds per run on 2 CPU cores).
 TINY_OVERRIDES = [
@@ -44,7 +44,7 @@ TINY_OVERRIDES = [
 def _composer(tmp_path: Path, config_name: str) -> Callable[..., DictConfig]:
     def _compose(*overrides: str) -> DictConfig:
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(PRIMARY_CONFIG_DIRS[config_name]), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "run")
@@ -57,14 +57,14 @@ def _composer(tmp_path: Path, config_name: str) -> Callable[..., DictConfig]:
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose ``conf/train.yaml`` with overrides, outputs and data under ``tmp_path``."""
+    """Compose ``train.yaml`` (attent_vision/conf/pretrain) with overrides, outputs and data under ``tmp_path``."""
     yield _composer(tmp_path, "train")
     GlobalHydra.instance().clear()
 
 
 @pytest.fixture
 def compose_finetune(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose ``conf/finetune.yaml`` with overrides, outputs and data under ``tmp_path``."""
+    """Compose ``finetune.yaml`` (attent_vision/conf/finetune) with overrides, outputs and data under ``tmp_path``."""
     yield _composer(tmp_path, "finetune")
     GlobalHydra.instance().clear()
 

@@ -249,7 +249,7 @@ def test_the_fixed_margins_name_real_numbers_and_the_mini_ones_follow_from_their
         for key in margins:
             stage, metric = key.split(".")
             assert stage in table3.EVALS and metric, (schedule, key)
-    pilot = json.loads((table3.ROOT / "docs" / "benchmarks" / "table3.json").read_text())
+    pilot = json.loads((table3.ROOT / "docs" / "benchmarks" / "table3_mini_pilot.json").read_text())
     derived = table3.derive_margins(pilot["runs"], table3.MARGIN_K)
     for key, margin in table3.MARGINS["mini"].items():
         assert margin == pytest.approx(derived[key]["margin"], rel=0.01), key

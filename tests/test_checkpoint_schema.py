@@ -15,7 +15,7 @@ from attent_vision.models import (
     PatchedInputAdapter,
     SemSegInputAdapter,
     build_pretrain_multimae,
-    load_multimae_weights,
+    load_pretrained,
     multimae_to_timm_vit,
     timm_vit_to_multimae,
 )
@@ -60,7 +60,8 @@ def test_base_loads_synthesised_reference_state_strictly(base_meta, schema):
     result = base_meta.load_state_dict(state, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     prefixed = {"model": {"module." + k: v for k, v in state.items()}, "epoch": 3}
-    assert load_multimae_weights(base_meta, prefixed, strict=True) == ([], [])
+    report = load_pretrained(base_meta, prefixed, strict=True)
+    assert report.format == "multimae" and not report.missing and not report.unexpected and not report.skipped
 
 
 def test_loader_handles_lightning_and_compile_prefixes():
@@ -76,8 +77,8 @@ def test_loader_handles_lightning_and_compile_prefixes():
         },
         "epoch": 1,
     }
-    missing, unexpected = load_multimae_weights(target, ckpt)
-    assert missing == [] and unexpected == []
+    report = load_pretrained(target, ckpt)
+    assert report.format == "lightning" and report.missing == [] and report.unexpected == []
     assert torch.equal(target.encoder[0].attn.qkv.weight, source["encoder.0.attn.qkv.weight"])
 
 
@@ -95,9 +96,16 @@ def test_loader_pads_class_emb_and_resamples_pos_emb():
         depth=4,
         num_heads=4,
     )
-    missing, unexpected = load_multimae_weights(target, source)
-    assert missing == []
-    assert all(k.startswith("output_adapters.") for k in unexpected) and unexpected
+    report = load_pretrained(target, source)
+    assert report.missing == [] and report.unexpected == []
+    # The decoders have no place in a model without output adapters: skipped on purpose, whole.
+    assert all(k.startswith("output_adapters.") for k in report.skipped) and report.skipped
+    assert sorted(r.split(":")[0] for r in report.resized) == [
+        "input_adapters.rgb.pos_emb",
+        "input_adapters.semseg.class_emb.weight",
+        "input_adapters.semseg.pos_emb",
+    ]
+    assert "input_adapters.semseg.class_emb.weight: (133, 64) -> (134, 64)" in report.resized
     class_emb = target.input_adapters["semseg"].class_emb.weight
     assert class_emb.shape == (134, 64)
     assert torch.equal(class_emb[:133], source["input_adapters.semseg.class_emb.weight"])
@@ -113,14 +121,17 @@ def test_loader_reports_missing_output_adapters_and_shape_mismatches(tmp_path):
     encoder_only = {k: v for k, v in model.state_dict().items() if not k.startswith("output_adapters.")}
     path = tmp_path / "ckpt.pth"
     torch.save({"model": encoder_only, "args": argparse.Namespace(epochs=1)}, path)  # reference layout
-    missing, unexpected = load_multimae_weights(model, path)
-    assert unexpected == [] and missing and all(k.startswith("output_adapters.") for k in missing)
+    report = load_pretrained(model, path)
+    assert report.format == "multimae" and report.unexpected == []
+    assert report.missing and all(k.startswith("output_adapters.") for k in report.missing)
     bad = dict(model.state_dict())
     bad["output_adapters.rgb.out_proj.weight"] = torch.zeros(5, 256)
-    missing, _ = load_multimae_weights(model, bad)
-    assert missing == ["output_adapters.rgb.out_proj.weight"]
+    report = load_pretrained(model, bad)
+    # A decoder with one misfitting weight is skipped whole, never loaded half.
+    rgb_decoder = sorted(k for k in model.state_dict() if k.startswith("output_adapters.rgb."))
+    assert sorted(report.skipped) == rgb_decoder and sorted(report.missing) == rgb_decoder
     with pytest.raises(ValueError, match=r"out_proj\.weight"):
-        load_multimae_weights(model, bad, strict=True)
+        load_pretrained(model, bad, strict=True)
 
 
 def _timm_vit() -> VisionTransformer:
@@ -166,5 +177,6 @@ def test_timm_to_multimae_round_trip_and_no_aliasing():
     assert converted["input_adapters.rgb.pos_emb"].shape == (1, 128, 4, 4)
     assert not any(k.startswith(("norm", "head", "fc_norm")) for k in converted)
     model = _micro(in_domains=("rgb",), out_domains=("rgb",))
-    missing, unexpected = load_multimae_weights(model, timm_state)  # timm keys are detected and converted
-    assert unexpected == [] and all(k.startswith("output_adapters.") for k in missing)
+    report = load_pretrained(model, timm_state)  # timm keys are detected and converted
+    assert report.format == "timm" and report.unexpected == []
+    assert all(k.startswith("output_adapters.") for k in report.missing)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, SafeModelCheckpoint, _swap_link
+from attent_vision.runs.checkpointing import AsyncAtomicCheckpointIO, SafeModelCheckpoint, _swap_link
 
 from .conftest import ddp_strategy
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from attent_vision.config import ConfigError
-from attent_vision.run import run_pretraining
+from attent_vision.runs.pretrain import run_pretraining
 from tests.conftest import ROOT, read_summary, run_train
 
 PLAN_KEYS = {"epoch", "kind", "cycle", "ratio", "num_samples", "num_steps", "reselect"}

@@ -1,5 +1,6 @@
 """Every config option composes and instantiates; bad values fail at start-up naming the key."""
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,55 +13,46 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from attent_vision.config import ConfigError, validate_pretrain_config
-from attent_vision.run import build_teacher, build_trainer, instantiate_group
-from attent_vision.tasks.callbacks import (
-    FinetuneSummary,
-    RunSummary,
-    SpawnedProcessGroupCleanup,
-    ValidateLastEpoch,
-    run_callbacks,
-)
-from attent_vision.tasks.rng_capture import RngStateCapture
-from tests.conftest import CONF_DIR, TINY_OVERRIDES, read_summary, run_train
+from attent_vision.runs.callbacks import SpawnedProcessGroupCleanup, ValidateLastEpoch, run_callbacks
+from attent_vision.runs.kit import build_trainer, instantiate_group
+from attent_vision.runs.pretrain import build_teacher
+from attent_vision.runs.rng_capture import RngStateCapture
+from attent_vision.runs.summary import FinetuneSummary, PretrainSummary
+from tests.conftest import CONF_DIR, PRIMARY_CONFIG_DIRS, TINY_OVERRIDES, read_summary, run_train
+
+SCRIPT_DIRS = {"train": PRIMARY_CONFIG_DIRS["train"], "finetune": PRIMARY_CONFIG_DIRS["finetune"]}
+SHARED_DIR = CONF_DIR / "shared"
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+def options(group: str, script: str = "train") -> list[str]:
+    """The options of ``group`` as ``script`` sees them: its own folder's and the shared folder's."""
+    folders = (SCRIPT_DIRS[script] / group, SHARED_DIR / group)
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
 
 
 def groups(script: str) -> list[str]:
-    """The config groups of ``conf/<script>.yaml``'s defaults list, with their nested groups (``hydra/launcher``)."""
+    """The config groups of ``<script>.yaml``'s defaults list, with their nested groups (``hydra/launcher``)."""
     names = []
-    for entry in OmegaConf.load(CONF_DIR / f"{script}.yaml").defaults:
+    for entry in OmegaConf.load(SCRIPT_DIRS[script] / f"{script}.yaml").defaults:
         if isinstance(entry, str):  # _self_
             continue
         (key,) = entry.keys()
         group = key.removeprefix("optional ").removeprefix("override ").strip()
         names.append(group)
-        names += [f"{group}/{d.name}" for d in sorted((CONF_DIR / group).iterdir()) if d.is_dir()]
-    return names
-
-
-# Options written for the other entry point's primary config (they name keys only that one has).
-OWNER = {
-    ("callbacks", "default"): "train",
-    ("callbacks", "finetune"): "finetune",
-    ("hydra", "finetune"): "finetune",
-}
-
-
-def owner(group: str, option: str) -> str | None:
-    if group == "experiment":
-        return "finetune" if option.startswith("ft_") else "train"
-    return OWNER.get((group, option))
+        for folder in (SCRIPT_DIRS[script] / group, SHARED_DIR / group):
+            names += (
+                [f"{group}/{d.name}" for d in sorted(folder.iterdir()) if d.is_dir()]
+                if folder.is_dir()
+                else []
+            )
+    return list(dict.fromkeys(names))
 
 
 def every_option() -> Iterator[Any]:
     for script in ("train", "finetune"):
         for group in groups(script):
-            for option in options(group):
-                if owner(group, option) in (None, script):
-                    yield pytest.param(script, group, option, id=f"{script}-{group}={option}")
+            for option in options(group, script):
+                yield pytest.param(script, group, option, id=f"{script}-{group}={option}")
 
 
 def target_paths(node: Any, path: str = "") -> Iterator[str]:
@@ -80,7 +72,7 @@ def target_paths(node: Any, path: str = "") -> Iterator[str]:
         yield from target_paths(child, child_path)
 
 
-# What train.py (attent_vision.run) and finetune.py (attent_vision.run_finetune) instantiate; selection, scoring,
+# What train.py (attent_vision.runs.pretrain) and finetune.py (attent_vision.runs.finetune) instantiate; selection, scoring,
 # ratio and interval are built inside the teacher (teacher.selector: ${selection}, ...).
 BUILT = {
     "train": {
@@ -173,14 +165,14 @@ def test_every_group_option_composes_and_instantiates(
     hydra.utils.instantiate(cfg.data, _convert_="all")
     callbacks, summary = run_callbacks(
         instantiate_group(cfg.get("callbacks")),
-        RunSummary if script == "train" else FinetuneSummary,
+        PretrainSummary if script == "train" else FinetuneSummary,
         output_dir=str(cfg.paths.output_dir),
         last=last,
     )
     loggers = instantiate_group(cfg.get("logger"))
     for_this_machine(cfg, monkeypatch)
     trainer = build_trainer(cfg, callbacks, loggers)
-    assert [cb for cb in trainer.callbacks if isinstance(cb, RunSummary | FinetuneSummary)] == [summary]
+    assert [cb for cb in trainer.callbacks if isinstance(cb, PretrainSummary | FinetuneSummary)] == [summary]
     assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in trainer.callbacks) == 1
     assert all(cb in trainer.callbacks for cb in last)
     launcher = cfg.hydra.launcher
@@ -198,20 +190,20 @@ def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
         ["~callbacks"],
         # a config written when the summary was still listed in conf/callbacks: used, not doubled
         [
-            "+callbacks.run_summary._target_=attent_vision.tasks.callbacks.RunSummary",
+            "+callbacks.run_summary._target_=attent_vision.runs.summary.PretrainSummary",
             "+callbacks.run_summary.output_dir=${paths.output_dir}",
-            "+callbacks.cleanup._target_=attent_vision.tasks.callbacks.SpawnedProcessGroupCleanup",
+            "+callbacks.cleanup._target_=attent_vision.runs.callbacks.SpawnedProcessGroupCleanup",
         ],
     ]:
         cfg = compose_cfg(*overrides)
         teacher = build_teacher(cfg)
         callbacks, summary = run_callbacks(
             instantiate_group(cfg.get("callbacks")),
-            RunSummary,
+            PretrainSummary,
             output_dir=str(cfg.paths.output_dir),
             last=[teacher],
         )
-        assert [cb for cb in callbacks if isinstance(cb, RunSummary)] == [summary], overrides
+        assert [cb for cb in callbacks if isinstance(cb, PretrainSummary)] == [summary], overrides
         assert summary.path == Path(cfg.paths.output_dir) / "summary.json"
         assert sum(isinstance(cb, SpawnedProcessGroupCleanup) for cb in callbacks) == 1
         # the summary first (its epoch times close before the pictures draw), the teacher after the configured ones
@@ -219,7 +211,7 @@ def test_run_summary_is_added_once_whatever_the_callbacks_group(compose_cfg):
         assert sum(isinstance(cb, RngStateCapture) for cb in callbacks) == 1
         assert isinstance(callbacks[-1], SpawnedProcessGroupCleanup)
     callbacks, summary = run_callbacks(
-        [RunSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
+        [PretrainSummary(output_dir="a"), FinetuneSummary(output_dir="b")], FinetuneSummary, output_dir="c"
     )
     assert [type(cb) for cb in callbacks] == [
         FinetuneSummary,
@@ -324,7 +316,7 @@ def test_bad_values_and_unknown_options_name_the_key_and_the_choices(compose_cfg
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path):
     proc = run_train(["--cfg", "job"], cwd=tmp_path)
-    assert "_target_: attent_vision.tasks.pretrain.MultiMAEPretrainModule" in proc.stdout
+    assert "_target_: attent_vision.lightning.pretrain.MultiMAEPretrainModule" in proc.stdout
     assert "size: micro" in proc.stdout
     assert not (tmp_path / "data").exists(), "--cfg job must not generate data"
 
@@ -362,3 +354,44 @@ def test_native_bf16_is_read_from_the_cpu_flags():
         "flags\t\t: fpu sse avx2 avx512f avx512bw\n"
     )  # AVX2/AVX-512 only: emulated
     assert not cpu_has_native_bf16("model name\t: bf16 in a name is not a flag\n")
+
+
+@pytest.mark.parametrize(
+    ("script", "own", "foreign"),
+    [
+        (
+            "train",
+            ["model:", "selection:", "ratio:", "scoring:"],
+            ["task:", "encoder:", "probe:", "_multimae"],
+        ),
+        ("finetune", ["task:", "encoder:", "probe:"], ["model:", "selection:", "ratio:", "_multimae"]),
+    ],
+)
+def test_help_lists_only_its_own_groups_and_the_shared_ones(script, own, foreign) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    groups = proc.stdout.split("== Config ==")[0]
+    for name in [*own, "trainer: cpu, ddp, ddp_cpu, default, gpu", "logger:", "cluster:"]:
+        assert f"\n{name}" in groups, (script, name)
+    for name in foreign:
+        assert name not in groups, (script, name)
+
+
+def test_the_shared_groups_written_into_help_are_the_shared_folders() -> None:
+    shared = CONF_DIR / "shared"
+    for script in ("train", "finetune"):
+        template = OmegaConf.load(SCRIPT_DIRS[script] / "hydra" / "default.yaml").help.template
+        for group in ("callbacks", "cluster", "hydra/launcher", "logger", "paths", "trainer"):
+            listed = sorted(p.stem for p in (shared / group).glob("*.yaml"))
+            assert f"{group}: {', '.join(listed)}" in template, (script, group)
+
+
+def test_a_fine_tuning_experiment_is_not_an_option_of_train_py(compose_cfg, compose_finetune) -> None:
+    with pytest.raises(MissingConfigException, match=r"experiment/ft_nyuv2_depth(.|\n)*smoke"):
+        compose_cfg("experiment=ft_nyuv2_depth")
+    with pytest.raises(MissingConfigException, match="experiment/smoke"):
+        compose_finetune("experiment=smoke")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attent_vision.data import DataFormatError, MultiModalFolder, read_depth, read_rgb, read_semseg
+from attent_vision.data.folder import MultiModalFolder
+from attent_vision.data.modalities import DataFormatError, read_depth, read_rgb, read_semseg
 
 
 def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

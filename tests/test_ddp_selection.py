@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attent_vision.runs.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.selection import (
     AtteNTTeacher,
     FullPassScorer,
@@ -28,7 +29,6 @@ from attent_vision.selection import (
 )
 from attent_vision.selection.infobatch import pruned_count
 from attent_vision.selection.teacher import selection_seed
-from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
 from tests.conftest import ddp_strategy
 from tests.toy_selection import (
     KnownScoreRegressor,

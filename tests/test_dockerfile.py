@@ -68,7 +68,7 @@ def test_dependencies_install_through_the_ci_script_only(instructions):
     before = [src for i, v in instructions[:install] if i == "COPY" for src in copied_sources(v)]
     assert set(before) == {"pyproject.toml", "README.md", "attent_vision/__init__.py", "scripts/install.sh"}
     after = [src for i, v in instructions[install:] if i == "COPY" for src in copied_sources(v)]
-    for needed in ("attent_vision", "conf", "train.py", "finetune.py", "scripts"):
+    for needed in ("attent_vision", "train.py", "finetune.py", "scripts"):
         assert needed in after, f"{needed} is not copied into the image"
     # The install runs as root (into the base image's Python): no USER switch before it.
     assert all(i != "USER" for i, _ in instructions[:install])

@@ -14,19 +14,15 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from attent_vision.data.constants import IMAGE_EXTENSIONS
-from attent_vision.data.downstream import (
-    ClassificationDataModule,
-    DenseDataModule,
-    DenseTransform,
-    ImageFolderItems,
-)
+from attent_vision.data.downstream import ClassificationDataModule, DenseDataModule, ImageFolderItems
 from attent_vision.data.modalities import DataFormatError, is_image_file
 from attent_vision.data.synthetic import ensure_synthetic_dataset
-from attent_vision.data.synthetic_downstream import (
+from attent_vision.data.synthetic.downstream import (
     NYU_DEPTH_SCALE,
     ensure_classification_scenes,
     ensure_nyu_like_scenes,
 )
+from attent_vision.data.transforms import DenseTransform
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +160,9 @@ def test_train_transform_keeps_modalities_aligned() -> None:
 
 
 def test_dense_datamodule_rejects_labels_beyond_num_classes(downstream_root: Path) -> None:
+    from attent_vision.lightning.finetune import SegmentationModule
     from attent_vision.models import build_multivit
     from attent_vision.models.heads import ConvNeXtHead
-    from attent_vision.tasks.finetune import SegmentationModule
 
     dm = DenseDataModule(
         root=str(downstream_root / "nyu"), target="semseg", num_classes=4, input_size=32, pad_to=8
@@ -179,3 +175,24 @@ def test_dense_datamodule_rejects_labels_beyond_num_classes(downstream_root: Pat
     module = SegmentationModule(net=net, num_classes=4)
     with pytest.raises(DataFormatError, match=r"semseg/data/0000\.png: label ids .* outside \[0, 4\)"):
         module.chance_metrics(dm)
+
+
+def test_randaugment_posterize_to_zero_bits_is_fixed_only_in_our_transform(tmp_path: Path) -> None:
+    from PIL import Image
+    from timm.data import auto_augment
+
+    before = dict(auto_augment.NAME_TO_OP)
+    module = ClassificationDataModule(root=str(tmp_path), num_classes=2, input_size=32)
+    assert before == auto_augment.NAME_TO_OP  # timm's table is left as it was
+    ops = [
+        op
+        for t in module.train_transform.transforms
+        if isinstance(t, auto_augment.RandAugment)
+        for op in t.ops
+        if op.name.startswith("Posterize")
+    ]
+    assert ops, "the reference policy has posterize ops"
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    for op in ops:
+        assert op.aug_fn(image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))  # 0 bits: black, not an error
+        assert op.aug_fn(image, 8) is image

@@ -24,7 +24,7 @@ from attent_vision.models.checkpoint import (
     normalize_state_dict,
     resolve_checkpoint,
 )
-from attent_vision.run_finetune import run_finetuning
+from attent_vision.runs.finetune import run_finetuning
 
 from .conftest import (
     FINETUNE_COMMON,

@@ -4,8 +4,8 @@ from functools import partial
 
 import pytest
 import torch
-from timm.optim import create_optimizer_v2
 
+from attent_vision.lightning.optim import build_optimizer, warmup_cosine_lr, warmup_cosine_scheduler
 from attent_vision.models import (
     ConvNeXtHead,
     DPTHead,
@@ -166,7 +166,7 @@ def test_dpt_rejects_bad_hooks(hooks):
 def test_layer_decay_groups_match_reference_scales():
     model = _micro(heads={"cls": partial(LinearHead, num_classes=3)})
     ld, depth = 0.65, 4
-    opt = create_optimizer_v2(model, opt="adamw", lr=1.0, weight_decay=0.05, layer_decay=ld)
+    opt = build_optimizer(torch.optim.AdamW, model, lr=1.0, weight_decay=0.05, layer_decay=ld)
     scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
@@ -178,6 +178,23 @@ def test_layer_decay_groups_match_reference_scales():
     assert decay[id(params["global_tokens"])] == 0.0  # no_weight_decay() full names
     assert decay[id(params["encoder.0.attn.qkv.weight"])] == 0.05
     assert "input_adapters.rgb.pos_emb" not in {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_layer_decay_scales_every_groups_learning_rate_at_every_step():
+    # torch's schedulers multiply each group's own lr and ignore timm's "lr_scale": the scale must be in the lr.
+    model = _micro(heads={"cls": partial(LinearHead, num_classes=3)})
+    lr, ld, total, warmup = 2e-3, 0.65, 12, 3
+    opt = build_optimizer(torch.optim.AdamW, model, lr=lr, weight_decay=0.05, layer_decay=ld)
+    scheduler = warmup_cosine_scheduler(opt, total_steps=total, warmup_steps=warmup, min_ratio=0.1)[
+        "scheduler"
+    ]
+    assert len({g["lr_scale"] for g in opt.param_groups}) == 6  # 4 blocks, the embeddings, the head
+    for step in range(total):
+        relative = warmup_cosine_lr(step, base_lr=1.0, min_lr=0.1, warmup_steps=warmup, total_steps=total)
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(lr * group["lr_scale"] * relative), (step, group["lr_scale"])
+        opt.step()
+        scheduler.step()
 
 
 def test_builder_passes_only_accepted_encoder_settings():

@@ -11,11 +11,12 @@ import hydra
 import pytest
 import torch
 
+from attent_vision.lightning.optim import StepRemap
+from attent_vision.lightning.pretrain import weighted_task_loss
 from attent_vision.models.losses import SampleLoss, reduce_batch
-from attent_vision.selection import AtteNTTeacher, InfoBatchPruner, OnlineScorer, PlanRequest, StepRemap
+from attent_vision.runs.callbacks import SpawnedProcessGroupCleanup
+from attent_vision.selection import AtteNTTeacher, InfoBatchPruner, OnlineScorer, PlanRequest
 from attent_vision.selection.infobatch import anneal_start, infobatch_plan, prune, pruned_count
-from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
-from attent_vision.tasks.pretrain import weighted_task_loss
 from tests.conftest import assert_resumed_history_matches, ddp_strategy, read_summary, run_train
 from tests.toy_selection import ShardRecorder, ToyDataModule, ToyRegressor, isolate_master_port, toy_trainer
 

@@ -7,42 +7,42 @@ one, so that an upgrade which breaks it fails here, by name, instead of somewher
 Where each is used (file: function or class):
 
 - ``lightning.pytorch.strategies.launchers.multiprocessing._MultiProcessingLauncher`` (a private class, the
-  ``ddp_spawn`` launcher): ``attent_vision/tasks/stops.py``: ``is_spawn_parent``, ``_CrashAwareSpawnLauncher``,
+  ``ddp_spawn`` launcher): ``attent_vision/runs/stops.py``: ``is_spawn_parent``, ``_CrashAwareSpawnLauncher``,
   ``CrashSafeSpawnDDPStrategy._configure_launcher``, ``forward_signals_to_workers``;
-  ``attent_vision/tasks/callbacks.py``: ``SpawnedProcessGroupCleanup.teardown``.
+  ``attent_vision/runs/callbacks.py``: ``SpawnedProcessGroupCleanup.teardown``.
 - ``_MultiProcessingLauncher._wrapping_function(process_idx, trainer, ...)`` (overridden):
-  ``attent_vision/tasks/stops.py``: ``_CrashAwareSpawnLauncher._wrapping_function``.
+  ``attent_vision/runs/stops.py``: ``_CrashAwareSpawnLauncher._wrapping_function``.
 - ``_MultiProcessingLauncher.procs`` (read with a default, so a rename would silently forward no signal):
-  ``attent_vision/tasks/stops.py``: ``forward_signals_to_workers``.
-- ``lightning.pytorch.trainer.call._call_callback_hooks``: ``attent_vision/tasks/stops.py``:
+  ``attent_vision/runs/stops.py``: ``forward_signals_to_workers``.
+- ``lightning.pytorch.trainer.call._call_callback_hooks``: ``attent_vision/runs/stops.py``:
   ``_CrashAwareSpawnLauncher._wrapping_function``.
 - ``DDPStrategy._configure_launcher`` (overridden), ``DDPStrategy._launcher``, ``DDPStrategy._start_method``:
-  ``attent_vision/tasks/stops.py``: ``CrashSafeSpawnDDPStrategy._configure_launcher``.
-- ``Trainer._checkpoint_connector.dump_checkpoint(weights_only=...)``: ``attent_vision/tasks/stops.py``:
+  ``attent_vision/runs/stops.py``: ``CrashSafeSpawnDDPStrategy._configure_launcher``.
+- ``Trainer._checkpoint_connector.dump_checkpoint(weights_only=...)``: ``attent_vision/runs/stops.py``:
   ``GracefulStop.on_exception``, ``GracefulStop.stop_if_requested``.
 - ``Trainer.fit_loop.epoch_loop.batch_progress.is_last_batch`` (not underscored, but loop internals):
-  ``attent_vision/tasks/stops.py``: ``GracefulStop.on_train_batch_end``.
+  ``attent_vision/runs/stops.py``: ``GracefulStop.on_train_batch_end``.
 - The checkpoint's loop state, ``checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]`` with its
   ``total``/``current`` counters (``ready``, ``started``, ``processed``, ``completed``) and ``is_last_batch``:
-  ``attent_vision/tasks/stops.py``: ``validation_not_run``.
+  ``attent_vision/runs/stops.py``: ``validation_not_run``.
 - The checkpoint's ``checkpoint["loops"]["fit_loop"]["epoch_progress"]`` with the same four counters in ``total``
-  and ``current``: ``attent_vision/tasks/stops.py``: ``epoch_not_started``.
+  and ``current``: ``attent_vision/runs/stops.py``: ``epoch_not_started``.
 - ``Trainer._signal_connector._original_handlers`` (a dict of the handlers Lightning puts back after a fit):
-  ``attent_vision/tasks/stops.py``: ``GracefulStop.on_train_start``.
+  ``attent_vision/runs/stops.py``: ``GracefulStop.on_train_start``.
 - ``Trainer._accelerator_connector.use_distributed_sampler``: ``attent_vision/selection/contracts.py``:
   ``trainer_problems``.
-- ``LightningModule._trainer``: ``attent_vision/tasks/pretrain.py``: ``MultiMAEPretrainModule.training_step``.
+- ``LightningModule._trainer``: ``attent_vision/lightning/pretrain.py``: ``MultiMAEPretrainModule.training_step``.
 - ``ModelCheckpoint._remove_checkpoint(trainer, filepath)``, ``ModelCheckpoint._link_checkpoint(trainer,
   filepath, linkpath)`` and ``ModelCheckpoint._save_checkpoint(trainer, filepath)`` (all overridden), and
-  ``ModelCheckpoint._last_checkpoint_saved`` (the newest file written): ``attent_vision/tasks/checkpointing.py``:
+  ``ModelCheckpoint._last_checkpoint_saved`` (the newest file written): ``attent_vision/runs/checkpointing.py``:
   ``SafeModelCheckpoint``.
 - ``lightning.pytorch.plugins.io.AsyncCheckpointIO``'s ``_executor``, ``_error``, ``_ensure_setup()`` and
-  ``checkpoint_io`` (subclassed): ``attent_vision/tasks/checkpointing.py``: ``AsyncAtomicCheckpointIO``.
+  ``checkpoint_io`` (subclassed): ``attent_vision/runs/checkpointing.py``: ``AsyncAtomicCheckpointIO``.
 - ``ExperimentWriter._check_log_dir_exists`` (overridden; Lightning calls it from ``__init__``),
   ``ExperimentWriter._fs``, ``.metrics_file_path``, ``.metrics_keys`` (the writer's base class is the private
-  ``lightning.fabric.loggers.csv_logs._ExperimentWriter``): ``attent_vision/tasks/loggers.py``:
+  ``lightning.fabric.loggers.csv_logs._ExperimentWriter``): ``attent_vision/runs/loggers.py``:
   ``_AppendingExperimentWriter``.
-- ``CSVLogger._experiment``, ``CSVLogger._fs``: ``attent_vision/tasks/loggers.py``:
+- ``CSVLogger._experiment``, ``CSVLogger._fs``: ``attent_vision/runs/loggers.py``:
   ``ResumableCSVLogger.experiment``.
 - ``lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler`` (not underscored, but an undocumented
   internal module): ``attent_vision/data/downstream.py`` (module import).
@@ -113,7 +113,7 @@ def _check_call_callback_hooks() -> None:
 
 
 def _check_configure_launcher() -> None:
-    from attent_vision.tasks.stops import CrashSafeSpawnDDPStrategy, _CrashAwareSpawnLauncher
+    from attent_vision.runs.stops import CrashSafeSpawnDDPStrategy, _CrashAwareSpawnLauncher
 
     assert callable(DDPStrategy._configure_launcher)
     strategy = CrashSafeSpawnDDPStrategy(process_group_backend="gloo")
@@ -215,7 +215,7 @@ def _check_save_checkpoint_and_last_saved(tmp_path: Path) -> None:
 
 
 def _check_async_checkpoint_io() -> None:
-    from attent_vision.tasks.checkpointing import AsyncAtomicCheckpointIO, AtomicCheckpointIO
+    from attent_vision.runs.checkpointing import AsyncAtomicCheckpointIO, AtomicCheckpointIO
 
     io = AsyncAtomicCheckpointIO()
     assert io._executor is None and io._error is None
@@ -226,7 +226,7 @@ def _check_async_checkpoint_io() -> None:
 
 
 def _check_experiment_writer(tmp_path: Path) -> None:
-    from attent_vision.tasks.loggers import _AppendingExperimentWriter
+    from attent_vision.runs.loggers import _AppendingExperimentWriter
 
     assert callable(ExperimentWriter._check_log_dir_exists)
     log_dir = tmp_path / "csv"
@@ -240,7 +240,7 @@ def _check_experiment_writer(tmp_path: Path) -> None:
 
 
 def _check_csv_logger(tmp_path: Path) -> None:
-    from attent_vision.tasks.loggers import ResumableCSVLogger, _AppendingExperimentWriter
+    from attent_vision.runs.loggers import ResumableCSVLogger, _AppendingExperimentWriter
 
     logger = CSVLogger(save_dir=str(tmp_path / "plain"))
     assert logger._experiment is None and logger._fs is not None

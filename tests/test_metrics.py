@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DistributedSampler
 
-from attent_vision.tasks.metrics import (
+from attent_vision.lightning.metrics import (
     ClassificationMetrics,
     DepthMetrics,
     SegmentationMetrics,

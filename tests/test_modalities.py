@@ -12,8 +12,10 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from attent_vision.config import validate_pretrain_config
-from attent_vision.data import MultiModalFolder, MultiModalTransform, to_tensors
+from attent_vision.data.folder import MultiModalFolder
 from attent_vision.data.modalities import MODALITIES, Modality, output_tasks, read_rgb, read_semseg
+from attent_vision.data.transforms import MultiModalTransform, to_tensors
+from attent_vision.lightning.pretrain import MultiMAEPretrainModule
 from attent_vision.models import (
     MaskedCrossEntropyLoss,
     MaskedL1Loss,
@@ -26,7 +28,6 @@ from attent_vision.models import (
     default_loss,
 )
 from attent_vision.models.task_balancing import NoTaskBalancer
-from attent_vision.tasks.pretrain import MultiMAEPretrainModule
 
 
 def _normals_tensor(value) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pictures while pretraining (attent_vision.tasks.pretrain_pictures): helpers, both callbacks on stubs and on a
+"""Pictures while pretraining (attent_vision.lightning.pictures): helpers, both callbacks on stubs and on a
 real model, and one tiny end-to-end run whose re-selection must produce a gallery."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from attent_vision.lightning.pictures import drawing
+from attent_vision.lightning.pictures import pretraining as pictures
 from attent_vision.seeds import item_seeds
-from attent_vision.tasks import pretrain_pictures as pictures
+from attent_vision.selection.contracts import SelectionSnapshot
 from tests.conftest import run_train
 
 
@@ -70,7 +72,7 @@ def test_token_mask_pixels_and_grey_out() -> None:
 
 def test_colorize_values_uses_a_fixed_range() -> None:
     values = torch.tensor([[-10.0, -2.5], [2.5, 10.0]])
-    out = pictures.colorize_values(values, pictures.DEPTH_STD_RANGE)
+    out = drawing.colorize_values(values, pictures.DEPTH_STD_RANGE)
     assert out.shape == (2, 2, 3) and out.dtype == np.uint8
     assert (out[0, 0] == out[0, 1]).all() and (out[1, 0] == out[1, 1]).all()  # clipped to the range
     assert not (out[0, 0] == out[1, 1]).all()
@@ -79,33 +81,59 @@ def test_colorize_values_uses_a_fixed_range() -> None:
 def test_mosaic_lays_out_captioned_tiles() -> None:
     small = np.zeros((8, 8, 3), dtype=np.uint8)  # enlarged 20x, nearest-neighbour
     wide = np.full((50, 100, 3), 255, dtype=np.uint8)
-    rows = [("first row", [pictures.Tile(small, "a"), pictures.Tile(wide, "b", frame=(0, 200, 0))]), ("", [])]
-    out = pictures.mosaic(rows, "title " * 80, cell=160)  # a long title wraps over several lines
+    rows = [("first row", [drawing.Tile(small, "a"), drawing.Tile(wide, "b", frame=(0, 200, 0))]), ("", [])]
+    out = drawing.mosaic(rows, "title " * 80, cell=160)  # a long title wraps over several lines
     assert out.dtype == np.uint8 and out.shape[1] == 2 * 10 + 2 * 160 + 8
     assert (out == [0, 0, 0]).all(-1).sum() >= 160 * 160  # the black tile, enlarged to the cell
     assert (out == [0, 200, 0]).all(-1).sum() > 2 * 160  # the frame
 
 
-def test_find_teacher_and_scores_by_duck_typing() -> None:
+class StubTeacher:
+    """A teacher as the gallery sees it: a score bank, a history of re-selections and a pool."""
+
+    def __init__(self, bank: Bank, pool: Any = ()) -> None:
+        self.bank, self.history, self.pool = bank, [], frozenset(int(i) for i in pool)
+
+    def selection_snapshot(self) -> SelectionSnapshot:
+        measured = (self.bank.measured_at >= 0) & torch.isfinite(self.bank.scores)
+        return SelectionSnapshot(
+            reselections=len(self.history),
+            last_event=self.history[-1] if self.history else {},
+            scores=self.bank.scores,
+            measured=measured,
+            pool=self.pool,
+        )
+
+
+def test_rank_samples_takes_the_measured_extremes() -> None:
     bank = Bank(5)
     bank.update(torch.tensor([0, 2, 3]), torch.tensor([1.0, 3.0, 2.0]), step=0)
-    teacher = SimpleNamespace(history=[], bank=bank)
-    assert pictures.find_teacher([object(), SimpleNamespace(history=[]), teacher]) is teacher
-    assert pictures.find_teacher([SimpleNamespace(history=None, bank=bank)]) is None
-    scores, measured = pictures.teacher_scores(teacher)
-    assert measured.tolist() == [True, False, True, True, False]
-    top, bottom = pictures.rank_samples(scores, measured, 2)
+    snapshot = StubTeacher(bank).selection_snapshot()
+    assert snapshot.measured.tolist() == [True, False, True, True, False]
+    top, bottom = pictures.rank_samples(snapshot.scores, snapshot.measured, 2)
     assert top.tolist() == [2, 3] and bottom.tolist() == [0, 3]
-    top, bottom = pictures.rank_samples(scores, measured, 10)  # fewer measured than asked: all of them
+    top, bottom = pictures.rank_samples(snapshot.scores, snapshot.measured, 10)  # fewer measured: all of them
     assert top.tolist() == [2, 3, 0] and bottom.tolist() == [0, 3, 2]
-    refactored = SimpleNamespace(selection=SimpleNamespace(indices=torch.tensor([4, 1])))  # the pool object
-    assert pictures.teacher_subset(refactored) == {1, 4}
-    assert pictures.teacher_subset(SimpleNamespace(subset=torch.tensor([2]))) == {2}
-    assert pictures.teacher_subset(SimpleNamespace(selection=None)) == set()
-    # a bank with only per-sample scores (no measured_at bookkeeping) still works
-    plain = SimpleNamespace(history=[], bank=SimpleNamespace(scores=[0.5, 0.25]))
-    assert pictures.teacher_scores(plain)[1].tolist() == [True, True]
-    assert pictures.teacher_scores(SimpleNamespace(history=[], bank=SimpleNamespace())) is None
+
+
+def test_the_teachers_snapshot_shows_its_bank_history_and_pool() -> None:
+    from attent_vision.selection import AtteNTTeacher
+    from attent_vision.selection.contracts import ShowsSelection
+    from attent_vision.selection.score_bank import ScoreBank
+    from attent_vision.selection.selectors import Selection
+
+    teacher = AtteNTTeacher()
+    assert isinstance(teacher, ShowsSelection)
+    empty = teacher.selection_snapshot()
+    assert empty.reselections == 0 and empty.scores is None and empty.pool == frozenset()
+    teacher.bank = ScoreBank(4)
+    teacher.bank.update(torch.tensor([1, 3]), torch.tensor([0.5, float("nan")]), step=2)
+    teacher.selection = Selection(torch.tensor([1, 2]))
+    teacher.history.append({"epoch": 5, "k": 2})
+    snapshot = teacher.selection_snapshot()
+    assert snapshot.reselections == 1 and snapshot.last_event == {"epoch": 5, "k": 2}
+    assert snapshot.measured.tolist() == [False, True, False, False]  # a NaN score counts as unmeasured
+    assert snapshot.pool == frozenset({1, 2})
 
 
 class ColourSet:
@@ -136,9 +164,8 @@ def test_raw_rgb_reads_the_stored_file(tmp_path: Path) -> None:
 def test_selection_gallery_draws_once_per_reselection(tmp_path: Path) -> None:
     bank = Bank(12)
     bank.update(torch.arange(10), torch.linspace(1.0, 2.0, 10), step=5)  # samples 10, 11 never scored
-    teacher = SimpleNamespace(
-        history=[{"epoch": 0}], bank=bank, subset=torch.tensor([9, 8, 7]), strategy="hard"
-    )
+    teacher = StubTeacher(bank, pool=[9, 8, 7])
+    teacher.history.append({"epoch": 0})
     datamodule = SimpleNamespace(train_dataset=lambda: ColourSet(12))
     trainer = stub_trainer(tmp_path, callbacks=[teacher], datamodule=datamodule)
     gallery = pictures.SelectionGallery(output_dir=str(tmp_path), num_images=3, raise_errors=True)
@@ -152,7 +179,7 @@ def test_selection_gallery_draws_once_per_reselection(tmp_path: Path) -> None:
     (tmp_path / "selection_gallery" / "epoch_004.png").unlink()
     gallery.on_train_epoch_start(trainer, None)  # no new re-selection: nothing drawn
     assert not list((tmp_path / "selection_gallery").iterdir())
-    with Image.open(gallery.draw(trainer, teacher, {}, 7)) as png:
+    with Image.open(gallery.draw(trainer, teacher.selection_snapshot(), 7)) as png:
         assert png.width > 300 and png.height > 150
 
 
@@ -175,7 +202,7 @@ def test_a_failed_drawing_is_logged_and_training_goes_on(
     # The training set is smaller than the score bank: drawing raises inside the callback.
     bank = Bank(4)
     bank.update(torch.arange(4), torch.ones(4), step=0)
-    teacher = SimpleNamespace(history=[], bank=bank)
+    teacher = StubTeacher(bank)
     trainer = stub_trainer(
         tmp_path, callbacks=[teacher], datamodule=SimpleNamespace(train_dataset=lambda: [])
     )

@@ -20,7 +20,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from attent_vision.data import DataFormatError, MultiModalFolder
+from attent_vision.data.folder import MultiModalFolder
+from attent_vision.data.modalities import DataFormatError
 from attent_vision.data.prepare import encode_nyu_depth, main, prepare_imagenet_s50, prepare_nyuv2
 
 ROOT = Path(__file__).resolve().parents[1]

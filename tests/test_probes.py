@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from attent_vision.config import ConfigError
+from attent_vision.lightning.finetune import ClassificationModule
+from attent_vision.lightning.probes import Features, KNNProbe, extract_features, knn_votes
 from attent_vision.models import build_multivit
 from attent_vision.models.checkpoint import resolve_checkpoint
 from attent_vision.models.heads import LinearHead
-from attent_vision.run_finetune import run_finetuning
-from attent_vision.tasks.finetune import ClassificationModule
-from attent_vision.tasks.probe_run import evaluation_loader, prepare_probe, probe_device, probe_encoder
-from attent_vision.tasks.probes import Features, KNNProbe, extract_features, knn_votes
+from attent_vision.runs.finetune import run_finetuning
+from attent_vision.runs.probe import evaluation_loader, prepare_probe, probe_device, probe_encoder
 from attent_vision.tools.report import main as report_main
 
 from .conftest import (

@@ -4,7 +4,7 @@ on its job, and every rank exits 0.
 The README's recipe is ``sbatch --requeue --signal=USR1@120`` with ``srun python train.py ...``. Without a SLURM
 here, ``srun`` is played by starting one ``train.py`` per rank with the variables srun sets for a task, and
 ``scontrol`` by a stand-in first on ``PATH`` that records who called it with which arguments. The code that decides
-(``attent_vision/tasks/stops.py``) reads ``SLURM_JOB_ID`` (plain SLURM, so SIGUSR1 means requeue),
+(``attent_vision/runs/stops.py``) reads ``SLURM_JOB_ID`` (plain SLURM, so SIGUSR1 means requeue),
 ``SLURM_ARRAY_JOB_ID``/``SLURM_ARRAY_TASK_ID`` (the id to requeue) and ``SLURM_PROCID`` (only rank 0 requeues);
 Lightning's SLURM environment reads the task layout (``SLURM_NTASKS``, ``SLURM_PROCID``, ``SLURM_LOCALID``, ...).
 """
@@ -23,9 +23,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from attent_vision.cli import run_entry_point
-from attent_vision.run import RunEnded, ending_of
-from attent_vision.tasks.stops import RunStopped, request_requeue
+from attent_vision.runs.cli import run_entry_point
+from attent_vision.runs.endings import RunEnded, ending_of
+from attent_vision.runs.stops import RunStopped, request_requeue
 
 from .conftest import TINY_OVERRIDES, read_summary, run_train
 
@@ -105,7 +105,7 @@ def test_a_refused_requeue_exits_1_and_says_to_resume_by_hand(
 
     cfg = OmegaConf.create({"paths": {"output_dir": str(run_dir)}})
     with (
-        caplog.at_level(logging.WARNING, logger="attent_vision.tasks.stops"),
+        caplog.at_level(logging.WARNING, logger="attent_vision.runs.stops"),
         pytest.raises(SystemExit) as exited,
     ):
         run_entry_point(stopped_run, cfg)

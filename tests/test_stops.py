@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from attent_vision.tasks.callbacks import ValidateLastEpoch
-from attent_vision.tasks.checkpointing import find_resume_checkpoint
-from attent_vision.tasks.stops import GracefulStop, RunStopped
+from attent_vision.runs.callbacks import ValidateLastEpoch
+from attent_vision.runs.checkpointing import find_resume_checkpoint
+from attent_vision.runs.stops import GracefulStop, RunStopped
 
 from .conftest import (
     ROOT,
@@ -569,7 +569,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path: Path) -> None:
 
 
 def test_resume_ignores_and_removes_interrupted_writes(tmp_path: Path) -> None:
-    from attent_vision.tasks.checkpointing import atomic_torch_save, remove_partial_writes
+    from attent_vision.runs.checkpointing import atomic_torch_save, remove_partial_writes
 
     ckpts = tmp_path / "checkpoints"
     atomic_torch_save({"state_dict": {}, "epoch": 4, "global_step": 23}, ckpts / "epoch_004.ckpt")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attent_vision.data import MultiModalFolder
+from attent_vision.data.folder import MultiModalFolder
 from attent_vision.data.synthetic import (
     IMAGE_CLASSES,
     SEMSEG_CLASSES,

@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from attent_vision.lightning.optim import warmup_cosine_lr
+from attent_vision.runs.callbacks import SpawnedProcessGroupCleanup
 from attent_vision.selection import (
     AtteNTTeacher,
     FullPassScorer,
@@ -21,8 +23,6 @@ from attent_vision.selection import (
     SoftSelector,
     TeacherSetupError,
 )
-from attent_vision.tasks.callbacks import SpawnedProcessGroupCleanup
-from attent_vision.tasks.lr_schedule import warmup_cosine_lr
 from tests.conftest import (
     assert_resumed_history_matches,
     ddp_strategy,
@@ -292,7 +292,7 @@ REFERENCE = [
     "trainer.check_val_every_n_epoch=2",
     "callbacks.model_checkpoint.save_top_k=-1",
     "callbacks.model_checkpoint.monitor=null",
-    "+callbacks.val_checkpoint._target_=attent_vision.tasks.checkpointing.SafeModelCheckpoint",
+    "+callbacks.val_checkpoint._target_=attent_vision.runs.checkpointing.SafeModelCheckpoint",
     "+callbacks.val_checkpoint.dirpath=${paths.output_dir}/val_checkpoints",
     "+callbacks.val_checkpoint.filename='epoch_{epoch:03d}'",
     "+callbacks.val_checkpoint.auto_insert_metric_name=false",

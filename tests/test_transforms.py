@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attent_vision.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MultiModalTransform
+from attent_vision.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from attent_vision.data.transforms import MultiModalTransform
 
 GRID, BLOCK, SIZE = 8, 16, 64  # an 8×8 grid of 16-px blocks (128×128 input), cropped to 64×64
 
@@ -148,3 +149,10 @@ def test_depth_resampling_does_not_overshoot_at_discontinuities() -> None:
     out = MultiModalTransform(input_size=32, train=False)({"depth": depth})["depth"] * 2**16
     assert out.min() >= 1000 - 1e-3 and out.max() <= 60000 + 1e-3
     assert len(out.unique()) > 2  # interpolated, not nearest
+
+
+def test_the_written_out_imagenet_statistics_are_timms() -> None:
+    import timm.data
+
+    assert IMAGENET_DEFAULT_MEAN == timm.data.IMAGENET_DEFAULT_MEAN
+    assert IMAGENET_DEFAULT_STD == timm.data.IMAGENET_DEFAULT_STD

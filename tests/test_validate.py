@@ -18,14 +18,9 @@ from attent_vision.data.downstream import ClassificationDataModule, DenseDataMod
 from attent_vision.data.folder import MultiModalFolder
 from attent_vision.data.modalities import DataFormatError
 from attent_vision.data.synthetic import ensure_synthetic_dataset
-from attent_vision.data.synthetic_downstream import ensure_nyu_like_scenes
-from attent_vision.data.validate import (
-    CACHE_NAME,
-    FileChecks,
-    clean_worker_error,
-    validate_folder,
-    validate_image_folder,
-)
+from attent_vision.data.synthetic.downstream import ensure_nyu_like_scenes
+from attent_vision.data.validate import FileChecks, clean_worker_error, validate_folder, validate_image_folder
+from attent_vision.data.validation_cache import CACHE_NAME
 
 FILES_PER_SPLIT = {"train": 12 * 3, "val": 4 * 3}
 

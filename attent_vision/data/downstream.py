@@ -1,7 +1,7 @@
 """Downstream data: ImageNet-S50-style classification folders and the prepared NYUv2 layout, as DataModules.
 
 Both read the real on-disk formats; without a ``root`` of your own they first write the embedded procedural scenes in
-those formats (`synthetic_downstream`). Items are dicts like the pretraining ones: the input modalities, the target
+those formats (`synthetic.downstream`). Items are dicts like the pretraining ones: the input modalities, the target
 (``label``, ``semseg`` or ``depth``) and the int64 dataset ``index``.
 
 Under DDP the DataModule shards the data itself: training with a shuffling ``DistributedSampler`` (drop_last, so every
@@ -14,47 +14,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from timm.data import auto_augment as timm_auto_augment
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
-from torchvision.transforms import v2
 
-from .constants import SEG_IGNORE_INDEX
 from .folder import MultiModalFolder
 from .modalities import DataFormatError, read_rgb
 from .sampler import SubsetSampler
-from .synthetic_downstream import ensure_classification_scenes, ensure_nyu_like_scenes
+from .synthetic.downstream import ensure_classification_scenes, ensure_nyu_like_scenes
+from .transforms import DenseTransform, zero_bit_posterize
 from .validate import ValidationReport, validate_folder, validate_image_folder
 
 __all__ = [
     "ClassificationDataModule",
     "DenseDataModule",
-    "DenseTransform",
-    "DepthMap",
     "ImageFolderItems",
 ]
 
 log = logging.getLogger(__name__)
-
-# Fill of the padded border: grey for the image (as the reference pads before normalising), "ignore" for labels
-# and "no reading" for depth, so padding never counts in a loss or a metric.
-IMAGE_PAD = 128
-DEPTH_PAD = 0.0
-
-
-class DepthMap(tv_tensors.Mask):
-    """Metric depth (1, H, W) in metres: resampled like a mask (nearest, so holes stay holes), padded with 0."""
 
 
 class ImageFolderItems(ImageFolder):
@@ -79,126 +63,6 @@ class ImageFolderItems(ImageFolder):
             "label": torch.tensor(label, dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
-
-
-class DenseTransform:
-    """Joint transforms for dense fine-tuning with ``torchvision.transforms.v2`` on tv_tensors.
-
-    The image is a ``tv_tensors.Image``, the label map a ``tv_tensors.Mask`` and depth a :class:`DepthMap`, so one
-    v2 pipeline applies the same flip, scale and crop to all of them, with bicubic (antialiased) resampling for the
-    image and nearest for labels and depth.
-
-    Train (``augmentation="semseg"``, the reference segmentation recipe): flip, longest side to ``input_size``,
-    colour jitter (p 0.5), random scale in ``scale_range``, pad and random crop to ``input_size``. Train
-    (``"nyu"``, the reference depth recipe): shorter side to ``input_size``, flip, optional colour jitter and
-    grayscale, random crop. Evaluation: the whole image with its longest side resized to ``input_size`` (never
-    cropped, so every pixel of the evaluation set is scored), padded at the bottom and right to a multiple of
-    ``pad_to`` (the patch size).
-
-    Args:
-        train: Random augmentation when True.
-        input_size: Crop size (train) / longest side (eval) in pixels.
-        pad_to: Evaluation images are padded to a multiple of this (the encoder's patch size).
-        augmentation: "semseg" or "nyu" (train only).
-        scale_range: Random scale range of the "semseg" recipe (the reference uses 0.1..2.0).
-        color_augs: Colour jitter and grayscale in the "nyu" recipe.
-        reduce_zero_label: Label 0 means unlabeled: map it to ``ignore_index`` and shift the others down by one.
-        ignore_index: Label value that losses and metrics ignore.
-        depth_scale_m: Metres represented by the raw depth value 65536 (10 for NYUv2).
-    """
-
-    def __init__(
-        self,
-        *,
-        train: bool,
-        input_size: int,
-        pad_to: int = 16,
-        augmentation: str = "semseg",
-        scale_range: Sequence[float] = (0.1, 2.0),
-        color_augs: bool = False,
-        reduce_zero_label: bool = True,
-        ignore_index: int = SEG_IGNORE_INDEX,
-        depth_scale_m: float = 10.0,
-    ) -> None:
-        if augmentation not in ("semseg", "nyu"):
-            raise ValueError(f"augmentation must be 'semseg' or 'nyu', got {augmentation!r}")
-        self.train = train
-        self.input_size = input_size
-        self.pad_to = pad_to
-        self.augmentation = augmentation
-        self.reduce_zero_label = reduce_zero_label
-        self.ignore_index = ignore_index
-        self.depth_scale_m = depth_scale_m
-        fill = {tv_tensors.Image: IMAGE_PAD, tv_tensors.Mask: ignore_index, DepthMap: DEPTH_PAD}
-        size = input_size
-        if not train:
-            self.geometry = v2.Resize(size=None, max_size=size, antialias=True)
-        elif augmentation == "semseg":
-            self.geometry = v2.Compose(
-                [
-                    v2.RandomHorizontalFlip(),
-                    v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.5),
-                    v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
-                    v2.RandomCrop(size, pad_if_needed=True, fill=fill),
-                ]
-            )
-        else:
-            colour = (
-                [
-                    v2.RandomApply(
-                        [v2.ColorJitter(brightness=0.1255, contrast=0.4, saturation=(0.5, 1.5), hue=0.2)],
-                        p=0.5,
-                    ),
-                    v2.RandomGrayscale(p=0.3),
-                ]
-                if color_augs
-                else []
-            )
-            self.geometry = v2.Compose(
-                [
-                    v2.Resize(size, antialias=True),
-                    v2.RandomHorizontalFlip(),
-                    *colour,
-                    v2.RandomCrop(size, pad_if_needed=True, fill=fill),
-                ]
-            )
-        self.fill = fill
-        self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-        )
-
-    def to_tv_tensors(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        """Raw modalities (PIL rgb, uint16 depth, uint8 ids) → tv_tensors with labels remapped and depth in m."""
-        out: dict[str, Any] = {}
-        if "rgb" in sample:
-            out["rgb"] = tv_tensors.Image(
-                torch.from_numpy(np.array(sample["rgb"], dtype=np.uint8)).permute(2, 0, 1)
-            )
-        if "depth" in sample:
-            raw = torch.from_numpy(np.asarray(sample["depth"], dtype=np.float32))
-            out["depth"] = (raw * (self.depth_scale_m / 65536.0)).unsqueeze(0).as_subclass(DepthMap)
-        if "semseg" in sample:
-            labels = torch.from_numpy(np.asarray(sample["semseg"], dtype=np.int64))
-            if self.reduce_zero_label:
-                ignored = (labels == 0) | (labels == self.ignore_index)
-                labels = torch.where(ignored, self.ignore_index, labels - 1)
-            out["semseg"] = tv_tensors.Mask(labels)
-        return out
-
-    def pad_to_multiple(self, sample: dict[str, Any]) -> dict[str, Any]:
-        height, width = next(iter(sample.values())).shape[-2:]
-        bottom, right = -height % self.pad_to, -width % self.pad_to
-        if not bottom and not right:
-            return sample
-        return v2.Pad([0, 0, right, bottom], fill=self.fill)(sample)
-
-    def __call__(self, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        out = self.geometry(self.to_tv_tensors(sample))
-        if not self.train:
-            out = self.pad_to_multiple(out)
-        if "rgb" in out:
-            out["rgb"] = self.normalize(out["rgb"])
-        return {name: value.as_subclass(torch.Tensor) for name, value in out.items()}
 
 
 class _ShardedLoaders(pl.LightningDataModule):
@@ -275,21 +139,6 @@ class _ShardedLoaders(pl.LightningDataModule):
         return torch.utils.data.default_collate(items)
 
 
-def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op, with 0 bits giving the black image that Pillow used to return for it."""
-    if bits_to_keep >= 8:
-        return image
-    if bits_to_keep <= 0:
-        return Image.new(image.mode, image.size)
-    return ImageOps.posterize(image, bits_to_keep)
-
-
-# timm's RandAugment ("rand-m9-mstd0.5-inc1", the reference policy) asks for 0 bits whenever the magnitude noise
-# reaches 10; current Pillow raises on that, which killed a loader worker in about 1 of 40 batches.
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    timm_auto_augment.NAME_TO_OP[_name] = _posterize
-
-
 class ClassificationDataModule(_ShardedLoaders):
     """Image classification from ``<root>/<train_dir>/<class>/*`` and ``<root>/<val_dir>/<class>/*`` (ImageNet-S50).
 
@@ -350,15 +199,16 @@ class ClassificationDataModule(_ShardedLoaders):
         self.train_dir, self.val_dir = train_dir, val_dir
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.input_size = input_size
-        self.train_transform = create_transform(
-            input_size,
-            is_training=True,
-            scale=tuple(crop_scale),
-            auto_augment=auto_augment,
-            color_jitter=color_jitter,
-            interpolation=interpolation,
-            re_prob=re_prob,
-        )
+        with zero_bit_posterize():
+            self.train_transform = create_transform(
+                input_size,
+                is_training=True,
+                scale=tuple(crop_scale),
+                auto_augment=auto_augment,
+                color_jitter=color_jitter,
+                interpolation=interpolation,
+                re_prob=re_prob,
+            )
         self.eval_transform = create_transform(
             input_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation
         )

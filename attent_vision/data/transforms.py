@@ -1,18 +1,26 @@
-"""Joint augmentation of the modalities: one crop and one flip decision shared by every modality."""
+"""Transforms: the pretraining modalities' joint augmentation (one crop and one flip decision shared by every
+modality), the dense downstream tasks' (:class:`DenseTransform`), and the classification RandAugment fix
+(:func:`zero_bit_posterize`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import auto_augment as timm_auto_augment
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .constants import SEG_IGNORE_INDEX
 from .modalities import MODALITIES
 
-__all__ = ["MultiModalTransform", "to_tensors"]
+__all__ = ["DenseTransform", "DepthMap", "MultiModalTransform", "to_tensors", "zero_bit_posterize"]
 
 InterpolationMode = v2.InterpolationMode
 
@@ -159,3 +167,161 @@ class MultiModalTransform:
             f"{type(self).__name__}(input_size={self.input_size}, mode={mode}, scale={self.scale}, "
             f"ratio={self.ratio}, hflip={self.hflip}, semseg_stride={self.semseg_stride})"
         )
+
+
+# ---------------------------------------------------------------------------------------------------- downstream (dense tasks)
+
+# Fill of the padded border: grey for the image (as the reference pads before normalising), "ignore" for labels
+# and "no reading" for depth, so padding never counts in a loss or a metric.
+IMAGE_PAD = 128
+DEPTH_PAD = 0.0
+
+
+class DepthMap(tv_tensors.Mask):
+    """Metric depth (1, H, W) in metres: resampled like a mask (nearest, so holes stay holes), padded with 0."""
+
+
+class DenseTransform:
+    """Joint transforms for dense fine-tuning with ``torchvision.transforms.v2`` on tv_tensors.
+
+    The image is a ``tv_tensors.Image``, the label map a ``tv_tensors.Mask`` and depth a :class:`DepthMap`, so one
+    v2 pipeline applies the same flip, scale and crop to all of them, with bicubic (antialiased) resampling for the
+    image and nearest for labels and depth.
+
+    Train (``augmentation="semseg"``, the reference segmentation recipe): flip, longest side to ``input_size``,
+    colour jitter (p 0.5), random scale in ``scale_range``, pad and random crop to ``input_size``. Train
+    (``"nyu"``, the reference depth recipe): shorter side to ``input_size``, flip, optional colour jitter and
+    grayscale, random crop. Evaluation: the whole image with its longest side resized to ``input_size`` (never
+    cropped, so every pixel of the evaluation set is scored), padded at the bottom and right to a multiple of
+    ``pad_to`` (the patch size).
+
+    Args:
+        train: Random augmentation when True.
+        input_size: Crop size (train) / longest side (eval) in pixels.
+        pad_to: Evaluation images are padded to a multiple of this (the encoder's patch size).
+        augmentation: "semseg" or "nyu" (train only).
+        scale_range: Random scale range of the "semseg" recipe (the reference uses 0.1..2.0).
+        color_augs: Colour jitter and grayscale in the "nyu" recipe.
+        reduce_zero_label: Label 0 means unlabeled: map it to ``ignore_index`` and shift the others down by one.
+        ignore_index: Label value that losses and metrics ignore.
+        depth_scale_m: Metres represented by the raw depth value 65536 (10 for NYUv2).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: bool,
+        input_size: int,
+        pad_to: int = 16,
+        augmentation: str = "semseg",
+        scale_range: Sequence[float] = (0.1, 2.0),
+        color_augs: bool = False,
+        reduce_zero_label: bool = True,
+        ignore_index: int = SEG_IGNORE_INDEX,
+        depth_scale_m: float = 10.0,
+    ) -> None:
+        if augmentation not in ("semseg", "nyu"):
+            raise ValueError(f"augmentation must be 'semseg' or 'nyu', got {augmentation!r}")
+        self.train = train
+        self.input_size = input_size
+        self.pad_to = pad_to
+        self.augmentation = augmentation
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+        self.depth_scale_m = depth_scale_m
+        fill = {tv_tensors.Image: IMAGE_PAD, tv_tensors.Mask: ignore_index, DepthMap: DEPTH_PAD}
+        size = input_size
+        if not train:
+            self.geometry = v2.Resize(size=None, max_size=size, antialias=True)
+        elif augmentation == "semseg":
+            self.geometry = v2.Compose(
+                [
+                    v2.RandomHorizontalFlip(),
+                    v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.5),
+                    v2.ScaleJitter(target_size=(size, size), scale_range=tuple(scale_range), antialias=True),
+                    v2.RandomCrop(size, pad_if_needed=True, fill=fill),
+                ]
+            )
+        else:
+            colour = (
+                [
+                    v2.RandomApply(
+                        [v2.ColorJitter(brightness=0.1255, contrast=0.4, saturation=(0.5, 1.5), hue=0.2)],
+                        p=0.5,
+                    ),
+                    v2.RandomGrayscale(p=0.3),
+                ]
+                if color_augs
+                else []
+            )
+            self.geometry = v2.Compose(
+                [
+                    v2.Resize(size, antialias=True),
+                    v2.RandomHorizontalFlip(),
+                    *colour,
+                    v2.RandomCrop(size, pad_if_needed=True, fill=fill),
+                ]
+            )
+        self.fill = fill
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        )
+
+    def to_tv_tensors(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """Raw modalities (PIL rgb, uint16 depth, uint8 ids) → tv_tensors with labels remapped and depth in m."""
+        out: dict[str, Any] = {}
+        if "rgb" in sample:
+            out["rgb"] = tv_tensors.Image(
+                torch.from_numpy(np.array(sample["rgb"], dtype=np.uint8)).permute(2, 0, 1)
+            )
+        if "depth" in sample:
+            raw = torch.from_numpy(np.asarray(sample["depth"], dtype=np.float32))
+            out["depth"] = (raw * (self.depth_scale_m / 65536.0)).unsqueeze(0).as_subclass(DepthMap)
+        if "semseg" in sample:
+            labels = torch.from_numpy(np.asarray(sample["semseg"], dtype=np.int64))
+            if self.reduce_zero_label:
+                ignored = (labels == 0) | (labels == self.ignore_index)
+                labels = torch.where(ignored, self.ignore_index, labels - 1)
+            out["semseg"] = tv_tensors.Mask(labels)
+        return out
+
+    def pad_to_multiple(self, sample: dict[str, Any]) -> dict[str, Any]:
+        height, width = next(iter(sample.values())).shape[-2:]
+        bottom, right = -height % self.pad_to, -width % self.pad_to
+        if not bottom and not right:
+            return sample
+        return v2.Pad([0, 0, right, bottom], fill=self.fill)(sample)
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.geometry(self.to_tv_tensors(sample))
+        if not self.train:
+            out = self.pad_to_multiple(out)
+        if "rgb" in out:
+            out["rgb"] = self.normalize(out["rgb"])
+        return {name: value.as_subclass(torch.Tensor) for name, value in out.items()}
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, with 0 bits giving the black image that Pillow used to return for it."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+@contextmanager
+def zero_bit_posterize() -> Iterator[None]:
+    """While building a timm transform, its RandAugment posterize ops take :func:`_posterize` (bound at build time).
+
+    timm's RandAugment ("rand-m9-mstd0.5-inc1", the reference policy) asks for 0 bits whenever the magnitude noise
+    reaches 10; current Pillow raises on that, which killed a loader worker in about 1 of 40 batches. Only the
+    transforms built inside this block are affected; timm's table is restored after it.
+    """
+    names = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+    saved = {name: timm_auto_augment.NAME_TO_OP[name] for name in names}
+    timm_auto_augment.NAME_TO_OP.update(dict.fromkeys(names, _posterize))
+    try:
+        yield
+    finally:
+        timm_auto_augment.NAME_TO_OP.update(saved)

@@ -20,14 +20,10 @@ size check never re-reads an unchanged file. A cache that cannot be read is igno
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import hashlib
-import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +35,7 @@ from tqdm import tqdm
 
 from .constants import SEG_IGNORE_INDEX
 from .modalities import DataFormatError, image_size, read_rgb
+from .validation_cache import all_ints, cache_file, load_cache, write_cache
 
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
@@ -59,8 +56,6 @@ log = logging.getLogger(__name__)
 
 Reader = Callable[[str | os.PathLike[str]], Any]
 
-CACHE_NAME = ".attent_validated.json"
-_CACHE_VERSION = 1
 # Sections kept per cache file; older parameter sets are dropped first.
 _MAX_SECTIONS = 8
 # How many problems an error message lists before summarising the rest.
@@ -199,56 +194,6 @@ def _check_ids(path: str, ids: np.ndarray, checks: FileChecks) -> list[str]:
     ]
 
 
-# -- cache -------------------------------------------------------------------------------------------------------
-
-
-def _cache_file(root: Path, cache_dir: Path | None) -> Path:
-    if cache_dir is None and os.access(root, os.W_OK):
-        return root / CACHE_NAME
-    if cache_dir is None:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        cache_dir = base / "attent_vision" / "validated"
-    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{root.name}-{digest}.json"
-
-
-def _load_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") == _CACHE_VERSION and isinstance(data.get("sections"), dict):
-            return data
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, AttributeError) as error:  # corrupt or foreign: start over
-        log.warning("ignoring unreadable data check cache %s (%s)", path, error)
-    return {"version": _CACHE_VERSION, "sections": {}}
-
-
-def _ints(values: list[Any]) -> bool:
-    return all(type(value) is int for value in values)
-
-
-def _write_cache(path: Path, data: dict[str, Any]) -> bool:
-    # tmp + rename: a concurrent reader (another rank, another job) sees the old or the new file, never half of one.
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as stream:
-                json.dump(data, stream, separators=(",", ":"))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as error:
-        log.warning(
-            "cannot write the data check cache %s (%s); the next start re-checks every file", path, error
-        )
-        return False
-    return True
-
-
 # -- the core ----------------------------------------------------------------------------------------------------
 
 
@@ -279,8 +224,8 @@ def validate_samples(
     start = time.perf_counter()
     root = Path(root)
     workers = default_workers() if workers is None else workers
-    cache_path = _cache_file(root, None if cache_dir is None else Path(cache_dir))
-    cache = _load_cache(cache_path)
+    cache_path = cache_file(root, None if cache_dir is None else Path(cache_dir))
+    cache = load_cache(cache_path)
     sections: dict[str, Any] = cache["sections"]
     section_key = checks.key()
     section = sections.get(section_key)
@@ -311,7 +256,7 @@ def validate_samples(
                 continue
             signature = [stat.st_size, stat.st_mtime_ns]
             entry = known.get(rel(path))
-            if isinstance(entry, list) and len(entry) == 4 and entry[:2] == signature and _ints(entry):
+            if isinstance(entry, list) and len(entry) == 4 and entry[:2] == signature and all_ints(entry):
                 sizes[index][modality] = (int(entry[2]), int(entry[3]))
                 cached += 1
             else:
@@ -362,7 +307,7 @@ def validate_samples(
         sections[section_key] = {"files": updated}  # last = most recently used
         while len(sections) > _MAX_SECTIONS:
             sections.pop(next(iter(sections)))
-        if not _write_cache(cache_path, cache):
+        if not write_cache(cache_path, cache):
             written = None
 
     report = ValidationReport(

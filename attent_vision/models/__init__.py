@@ -1,18 +1,17 @@
 """MultiMAE model package: adapters, masking, encoder, decoders, losses, balancers and checkpoint I/O.
 
-Nothing here imports Lightning; the task modules in ``attent_vision.tasks`` own training logic.
+Nothing here imports Lightning; the LightningModules in ``attent_vision.lightning`` own training logic.
 """
 
+from attent_vision.models.builders import MODEL_SIZES, build_pretrain_multimae
 from attent_vision.models.checkpoint import (
     LoadReport,
     MissingEncoderWeightsError,
-    load_multimae_weights,
     load_pretrained,
-    multimae_to_timm_vit,
     normalize_state_dict,
     resolve_checkpoint,
-    timm_vit_to_multimae,
 )
+from attent_vision.models.checkpoint_keys import multimae_to_timm_vit, timm_vit_to_multimae
 from attent_vision.models.heads import (
     ConvNeXtHead,
     DPTHead,
@@ -40,12 +39,7 @@ from attent_vision.models.masking import (
     ids_from_task_masks,
     sample_task_shares,
 )
-from attent_vision.models.multimae import (
-    MODEL_SIZES,
-    EncoderOutput,
-    MultiMAE,
-    build_pretrain_multimae,
-)
+from attent_vision.models.multimae import EncoderOutput, MultiMAE
 from attent_vision.models.multivit import MultiViT, build_multivit
 from attent_vision.models.output_adapters import CrossAttention, InputInfo, SpatialOutputAdapter, TaskTokens
 from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_to_tokens, resize_pos_embed
@@ -85,7 +79,6 @@ __all__ = [
     "expand_alphas",
     "generate_random_masks",
     "ids_from_task_masks",
-    "load_multimae_weights",
     "load_pretrained",
     "multimae_to_timm_vit",
     "normalize_state_dict",

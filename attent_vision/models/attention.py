@@ -20,7 +20,7 @@ AttentionPath = Literal["auto", "fused", "math"]
 # fp32: fused, as fast as the explicit kernel or faster (docs/benchmarks.md, bench/vs_reference.py on a 2-core AMD
 # EPYC: 545 vs 544 ms/step). bf16: the explicit kernel — bf16 autocast is the CPU default only where the CPU has
 # native bf16, and there the fused kernel measured 0.63x the reference step against 0.95x for the explicit one
-# (issue 9's measurement); on CPUs that only emulate bf16 the fused kernel was 9% faster (7074 vs 7682 ms/step), but
+# (measured on a 2-core Xeon with AMX, docs/benchmarks.md section 8); on CPUs that only emulate bf16 the fused kernel was 9% faster (7074 vs 7682 ms/step), but
 # bf16 is not their default. Override with model.attention=fused|math.
 CPU_FUSED = {"fp32": True, "bf16": False, "fp16": False}
 

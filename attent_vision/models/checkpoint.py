@@ -1,12 +1,13 @@
-"""Checkpoint I/O for MultiMAE: tolerant loading (our Lightning checkpoints, the original MultiMAE release's
-checkpoints, timm ViT weights) and the converters between MultiMAE and timm ViT keys."""
+"""Reading checkpoints into MultiMAE / MultiViT: find the file, detect its format once, adapt shapes, load, report.
+
+Our Lightning checkpoints, the original MultiMAE release's checkpoints and timm ViT weights (converted by
+:mod:`attent_vision.models.checkpoint_keys`) all go through :func:`load_pretrained`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -17,44 +18,49 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.models import clean_state_dict
 from torch import Tensor, nn
 
-from attent_vision.models.multimae import MODEL_SIZES
+from attent_vision.models.builders import MODEL_SIZES
+from attent_vision.models.checkpoint_keys import is_timm_vit, timm_vit_to_multimae
 from attent_vision.models.pos_embed import resize_pos_embed
 
 __all__ = [
+    "CheckpointFormat",
     "LoadReport",
     "MissingEncoderWeightsError",
-    "load_multimae_weights",
+    "adapt_shapes",
     "load_pretrained",
-    "multimae_to_timm_vit",
     "normalize_state_dict",
+    "parse_checkpoint",
+    "read_checkpoint",
     "resolve_checkpoint",
-    "timm_vit_to_multimae",
 ]
 
 log = logging.getLogger(__name__)
 
 _LIGHTNING_PREFIX = "net."
 
+CheckpointFormat = Literal["lightning", "multimae", "timm", "state_dict"]
 
-def normalize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Extracts MultiMAE weights from a checkpoint object.
+
+def parse_checkpoint(obj: Mapping[str, Any]) -> tuple[CheckpointFormat, dict[str, Tensor]]:
+    """The format of a checkpoint object, detected once, and its MultiMAE weights.
 
     Accepts an original MultiMAE checkpoint (``{'model': state}``), a Lightning checkpoint (``{'state_dict':
-    ...}`` whose model lives under ``net.``; other entries such as the balancer are dropped), or a plain state
-    dict. Strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, and converts timm ViT keys when
-    it finds them.
+    ...}`` whose model lives under ``net.``; other entries such as the balancer are dropped), a timm ViT state dict
+    (converted with :func:`timm_vit_to_multimae`) or a plain state dict. Strips ``module.`` (DDP) and
+    ``_orig_mod.`` (torch.compile) prefixes.
     """
+    fmt: CheckpointFormat = "state_dict"
     if isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
+        obj, fmt = obj["model"], "multimae"
     elif isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+        obj, fmt = obj["state_dict"], "lightning"
     # timm's clean_state_dict drops the DDP (``module.``) and torch.compile (``_orig_mod.``) key prefixes.
     state = clean_state_dict({k: v for k, v in obj.items() if isinstance(v, Tensor)})
     if any(k.startswith(_LIGHTNING_PREFIX) for k in state):
+        fmt = "lightning"
         dropped = [k for k in state if not k.startswith(_LIGHTNING_PREFIX)]
         if dropped:
             log.info(
@@ -63,13 +69,20 @@ def normalize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
         state = clean_state_dict(
             {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(_LIGHTNING_PREFIX)}
         )
-    if "cls_token" in state or any(k.startswith(("blocks.", "patch_embed.")) for k in state):
-        log.info("Checkpoint has timm ViT keys; converting with timm_vit_to_multimae")
+    if is_timm_vit(state):
+        fmt = "timm"
         state = timm_vit_to_multimae(state)
-    return state
+    return fmt, state
 
 
-def _read_checkpoint(path: str | os.PathLike, weights_only: bool) -> Mapping[str, Any]:
+def normalize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A checkpoint object's MultiMAE weights (see :func:`parse_checkpoint`)."""
+    return parse_checkpoint(obj)[1]
+
+
+def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Mapping[str, Any]:
+    """Loads a checkpoint file on the CPU; ``weights_only`` allows argparse.Namespace (the original MultiMAE
+    checkpoints hold one)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=weights_only)
@@ -79,133 +92,6 @@ def _read_checkpoint(path: str | os.PathLike, weights_only: bool) -> Mapping[str
             "weights_only=False"
         ) from err
 
-
-def _adapt_shapes(
-    state: dict[str, Tensor], target: Mapping[str, Tensor], strict: bool
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Pads class embeddings by one row, resamples input-adapter pos_embs, drops other shape mismatches."""
-    adapted, mismatched = {}, []
-    for key, value in state.items():
-        if key not in target or tuple(value.shape) == tuple(target[key].shape):
-            adapted[key] = value
-            continue
-        want = tuple(target[key].shape)
-        if key.endswith("class_emb.weight") and want == (value.shape[0] + 1, value.shape[1]):
-            log.info("Padding %s from %d to %d rows (padding index)", key, value.shape[0], want[0])
-            adapted[key] = F.pad(value, (0, 0, 0, 1))
-        elif key.startswith("input_adapters.") and key.endswith("pos_emb") and value.shape[:2] == want[:2]:
-            log.info("Resampling %s from %s to %s (bicubic)", key, tuple(value.shape[-2:]), want[-2:])
-            adapted[key] = resize_pos_embed(value.float(), want[-2:], mode="bicubic").to(value.dtype)
-        else:
-            if strict:
-                raise ValueError(
-                    f"{key}: checkpoint shape {tuple(value.shape)} does not match model shape {want}"
-                )
-            log.warning("Skipping %s: checkpoint shape %s, model shape %s", key, tuple(value.shape), want)
-            mismatched.append(key)
-    return adapted, mismatched
-
-
-def load_multimae_weights(
-    model: nn.Module,
-    state_or_path: Mapping[str, Any] | str | os.PathLike,
-    *,
-    strict: bool = False,
-    weights_only: bool = True,
-) -> tuple[list[str], list[str]]:
-    """Loads MultiMAE (or timm ViT) weights into ``model``, tolerating the usual checkpoint variations.
-
-    Args:
-        model: The MultiMAE to fill.
-        state_or_path: A checkpoint file, a checkpoint dict or a state dict (see :func:`normalize_state_dict`).
-        strict: Require an exact key match (shape adaptations still apply).
-        weights_only: Safe unpickling for files (argparse.Namespace allowed: the original MultiMAE checkpoints
-            hold one); pass False only for trusted files holding other objects.
-
-    Returns:
-        (missing_keys, unexpected_keys); keys skipped for a shape mismatch count as missing.
-    """
-    obj = (
-        _read_checkpoint(state_or_path, weights_only)
-        if isinstance(state_or_path, str | os.PathLike)
-        else state_or_path
-    )
-    state = normalize_state_dict(obj)
-    state, mismatched = _adapt_shapes(state, model.state_dict(), strict)
-    result = model.load_state_dict(state, strict=strict)
-    missing = list(dict.fromkeys([*result.missing_keys, *mismatched]))
-    unexpected = list(result.unexpected_keys)
-    if missing:
-        log.info("Missing keys (%d): %s", len(missing), missing)
-    if unexpected:
-        log.info("Unexpected keys (%d): %s", len(unexpected), unexpected)
-    return missing, unexpected
-
-
-def multimae_to_timm_vit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Converts MultiMAE encoder weights to timm ``VisionTransformer`` keys (as the original MultiMAE's
-    ``multimae2vit``).
-
-    ``global_tokens`` → ``cls_token``; the rgb pos_emb (1, D, h, w) → ``pos_embed`` (1, 1 + h·w, D) row-major with a
-    zero row for the cls position; the rgb patch projection → ``patch_embed.proj``; ``encoder.*`` → ``blocks.*``.
-    Everything else is dropped; the result has no ``norm``/``head`` (MultiMAE has no final LayerNorm).
-    """
-    global_tokens = state["global_tokens"]
-    if global_tokens.shape[1] != 1:
-        raise ValueError(
-            f"timm ViT has one cls token; this checkpoint has {global_tokens.shape[1]} global tokens"
-        )
-    pos = rearrange(state["input_adapters.rgb.pos_emb"], "1 d h w -> 1 (h w) d")  # [1, N, D]
-    out = {
-        "cls_token": global_tokens,
-        "pos_embed": torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1),  # [1, 1 + N, D]
-        "patch_embed.proj.weight": state["input_adapters.rgb.proj.weight"],
-        "patch_embed.proj.bias": state["input_adapters.rgb.proj.bias"],
-    }
-    out.update({"blocks." + k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})
-    return out
-
-
-def timm_vit_to_multimae(
-    state: Mapping[str, Tensor], *, grid_size: tuple[int, int] | None = None
-) -> dict[str, Tensor]:
-    """Converts timm ``VisionTransformer`` weights to MultiMAE keys (as the original MultiMAE's
-    ``vit2multimae``).
-
-    ``cls_token + pos_embed[:, 0]`` → ``global_tokens`` (a new tensor; the source is not modified);
-    ``pos_embed[:, 1:]`` → ``input_adapters.rgb.pos_emb`` (1, D, h, w); ``patch_embed.proj`` → the rgb
-    projection; ``blocks.*`` → ``encoder.*``. ``norm``, ``fc_norm`` and ``head`` are dropped.
-
-    Args:
-        state: timm state dict.
-        grid_size: Patch grid (h, w) of ``pos_embed``; square when omitted.
-    """
-    pos = state["pos_embed"]  # [1, P + N, D]
-    has_cls = "cls_token" in state
-    if grid_size is not None:
-        h, w = grid_size
-        num_prefix = pos.shape[1] - h * w
-    else:
-        num_prefix = 1 if has_cls and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1 else 0
-        h = w = math.isqrt(pos.shape[1] - num_prefix)
-    if h * w != pos.shape[1] - num_prefix or num_prefix not in (0, 1):
-        raise ValueError(f"pos_embed of {pos.shape[1]} positions does not fit a square grid; pass grid_size")
-    out = {}
-    if has_cls:
-        cls_pos = pos[:, :1] if num_prefix else 0.0
-        out["global_tokens"] = state["cls_token"] + cls_pos  # out of place: no aliasing of the source
-    out["input_adapters.rgb.pos_emb"] = rearrange(
-        pos[:, num_prefix:], "1 (h w) d -> 1 d h w", h=h, w=w
-    ).contiguous()
-    out["input_adapters.rgb.proj.weight"] = state["patch_embed.proj.weight"]
-    out["input_adapters.rgb.proj.bias"] = state["patch_embed.proj.bias"]
-    out.update({"encoder." + k[len("blocks.") :]: v for k, v in state.items() if k.startswith("blocks.")})
-    return out
-
-
-# ---------------------------------------------------------------------- fine-tuning: resolve and load
-
-CheckpointFormat = Literal["lightning", "multimae", "timm", "state_dict"]
 
 _BLOCK_RE = re.compile(r"^encoder\.(\d+)\.")
 _EPOCH_RE = re.compile(r"^epoch_(\d+)")
@@ -313,23 +199,6 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no checkpoint in {path}: looked for {', '.join(looked_for)}")
 
 
-def _checkpoint_format(obj: Mapping[str, Any]) -> CheckpointFormat:
-    inner: Mapping[str, Any] = obj
-    fmt: CheckpointFormat = "state_dict"
-    if isinstance(obj.get("model"), Mapping):
-        inner, fmt = obj["model"], "multimae"
-    elif isinstance(obj.get("state_dict"), Mapping):
-        inner, fmt = obj["state_dict"], "lightning"
-    keys = list(clean_state_dict(dict.fromkeys(inner)))
-    if any(k.startswith(_LIGHTNING_PREFIX) for k in keys):
-        fmt = "lightning"
-        inside = (k[len(_LIGHTNING_PREFIX) :] for k in keys if k.startswith(_LIGHTNING_PREFIX))
-        keys = list(clean_state_dict(dict.fromkeys(inside)))
-    if "cls_token" in keys or any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
-        fmt = "timm"
-    return fmt
-
-
 def _is_encoder_key(key: str) -> bool:
     return key == "global_tokens" or key.startswith(("input_adapters.", "encoder."))
 
@@ -428,10 +297,11 @@ def _select_heads(
     return state
 
 
-def _adapt_encoder_shapes(
+def adapt_shapes(
     state: dict[str, Tensor], target: Mapping[str, Tensor], report: LoadReport
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """Pads class_emb by the padding row and resamples input-adapter pos_embs; returns the other mismatches."""
+    """Pads class_emb by the padding row and resamples input-adapter pos_embs (bicubic) to the model's; returns the
+    adapted state and the keys whose shapes still differ."""
     adapted, mismatched = {}, []
     for key, value in state.items():
         if key not in target or tuple(value.shape) == tuple(target[key].shape):
@@ -453,10 +323,11 @@ def load_pretrained(
     model: nn.Module,
     source: str | os.PathLike | Mapping[str, Any],
     *,
+    strict: bool = False,
     report_path: str | os.PathLike | None = None,
     weights_only: bool = True,
 ) -> LoadReport:
-    """Initialises a (fine-tuning) MultiViT or MultiMAE from a pretrained checkpoint, checking the encoder.
+    """Initialises a MultiMAE or a (fine-tuning) MultiViT from a checkpoint, checking the encoder: the one loader.
 
     Accepts our Lightning checkpoints (model under ``net.``), original MultiMAE checkpoints (``{'model': ...}``,
     ``module.`` prefixes, with or without output adapters), timm ViT state dicts (converted) and plain state
@@ -469,6 +340,8 @@ def load_pretrained(
     Args:
         model: The model to fill (not wrapped by DDP or torch.compile).
         source: Checkpoint file, run directory or checkpoint dict.
+        strict: Also require every model key to be filled and every checkpoint key to be used (shape
+            adaptations still apply); a ValueError names what differs.
         report_path: Where to write the :class:`LoadReport` as JSON.
         weights_only: Safe unpickling (argparse.Namespace allowed); False only for trusted files.
 
@@ -479,18 +352,19 @@ def load_pretrained(
         MissingEncoderWeightsError: An encoder weight is missing, has another shape, or the checkpoint's
             encoder is deeper; the message names the file, the keys and a hint (e.g. the encoder sizes).
         FileNotFoundError: ``source`` cannot be resolved to a checkpoint file.
+        ValueError: ``strict`` and the checkpoint's keys differ from the model's.
     """
     if isinstance(source, Mapping):
         obj, label = source, "<in-memory>"
     else:
         path = resolve_checkpoint(source)
-        obj, label = _read_checkpoint(path, weights_only), str(path)
-    report = LoadReport(source=label, format=_checkpoint_format(obj))
-    ckpt = normalize_state_dict(obj)
+        obj, label = read_checkpoint(path, weights_only), str(path)
+    fmt, ckpt = parse_checkpoint(obj)
+    report = LoadReport(source=label, format=fmt)
     target = model.state_dict()
 
     state = _select_heads(dict(ckpt), target, report)
-    state, mismatched = _adapt_encoder_shapes(state, target, report)
+    state, mismatched = adapt_shapes(state, target, report)
     missing_encoder = [k for k in target if _is_encoder_key(k) and k not in state and k not in mismatched]
     mismatched_encoder = [k for k in mismatched if _is_encoder_key(k)]
     extra_blocks = [k for k in state if k.startswith("encoder.") and k not in target]
@@ -527,6 +401,12 @@ def load_pretrained(
     report.loaded = [k for k in state if k in target]
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
+    if strict and (report.missing or report.unexpected or report.skipped):
+        raise ValueError(
+            f"{label}: strict loading, but the checkpoint's keys differ from the model's: "
+            f"missing {_listed(report.missing)}, unexpected {_listed(report.unexpected)}, "
+            f"skipped {_listed(report.skipped)}"
+        )
     log.info("Loaded pretrained weights: %s", report.summary())
     if report.missing:
         log.info("Left at init (%d): %s", len(report.missing), _listed(report.missing))

@@ -4,8 +4,8 @@ function of (``seeds[b]``, purpose, ``j``).
 A per-sample ``torch.Generator`` makes every mask reproducible but costs a Python loop over the batch on the CPU
 (bench/throughput.py's ``masks`` rows). Hashing the counter instead gives the same guarantee — a sample's draws
 depend on its seed alone, not on the batch it is in or the device — as a handful of integer tensor ops on the
-batch's device. The hash is SplitMix64 (a bijection of 64-bit integers with good avalanche), the same finaliser
-``attent_vision.seeds`` uses for per-sample seeds, computed here in wrapping int64 arithmetic.
+batch's device. The hash is SplitMix64 (a bijection of 64-bit integers with good avalanche), the finaliser
+:mod:`attent_vision.seeds` defines once and uses for per-sample seeds.
 """
 
 from __future__ import annotations
@@ -15,28 +15,12 @@ import math
 import torch
 from torch import Tensor
 
+from attent_vision.seeds import GAMMA, shift_right, splitmix64
+
 __all__ = ["gamma", "random_bits", "uniform"]
 
 
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GAMMA = _signed(0x9E3779B97F4A7C15)
-_MIX1 = _signed(0xBF58476D1CE4E5B9)
-_MIX2 = _signed(0x94D049BB133111EB)
 _MAX_GAMMA_ROUNDS = 64
-
-
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic on signed integers)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix(z: Tensor) -> Tensor:
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
 
 
 def random_bits(seeds: Tensor, purpose: int, counters: Tensor) -> Tensor:
@@ -48,14 +32,14 @@ def random_bits(seeds: Tensor, purpose: int, counters: Tensor) -> Tensor:
         counters: Non-negative int64 counters; the same counter of the same seed and purpose gives the same bits.
     """
     seeds = seeds.long()
-    key = _splitmix(seeds + torch.full_like(seeds, purpose + 1) * _GAMMA)  # [B]
+    key = splitmix64(seeds + torch.full_like(seeds, purpose + 1) * GAMMA)  # [B]
     key = key.reshape(-1, *([1] * counters.ndim))
-    return _shift_right(_splitmix(key + (counters.to(seeds.device).long() + 1) * _GAMMA), 1)
+    return shift_right(splitmix64(key + (counters.to(seeds.device).long() + 1) * GAMMA), 1)
 
 
 def uniform(seeds: Tensor, purpose: int, counters: Tensor) -> Tensor:
     """U(0, 1) float64, never exactly 0 or 1, shaped like :func:`random_bits`."""
-    return (_shift_right(random_bits(seeds, purpose, counters), 10).double() + 0.5) * 2.0**-53
+    return (shift_right(random_bits(seeds, purpose, counters), 10).double() + 0.5) * 2.0**-53
 
 
 def gamma(concentration: Tensor, seeds: Tensor, purpose: int) -> Tensor:

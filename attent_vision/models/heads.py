@@ -43,14 +43,14 @@ def _trunc_normal_linears(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _token_grid(input_info: InputInfo, patch_size: int) -> tuple[int, int]:
+def token_grid(input_info: InputInfo, patch_size: int) -> tuple[int, int]:
     height, width = input_info.image_size
     if height % patch_size or width % patch_size:
         raise ValueError(f"image size {height}x{width} is not divisible by the patch size {patch_size}")
     return height // patch_size, width // patch_size
 
 
-def _main_task_tokens(
+def main_task_tokens(
     tokens: Tensor, input_info: InputInfo, main_tasks: Sequence[str], grid: tuple[int, int]
 ) -> Tensor:
     """Patch tokens of the main tasks concatenated along channels: [B, N+G, D] → [B, N_H·N_W, D·T]."""
@@ -180,8 +180,8 @@ class ConvNeXtHead(nn.Module):
 
     def forward(self, tokens: Tensor, input_info: InputInfo) -> Tensor:
         """Final encoder tokens [B, N+G, D] → logits [B, K, H, W]."""
-        grid = _token_grid(input_info, self.patch_size)
-        x = _main_task_tokens(tokens, input_info, self.main_tasks, grid)  # [B, N, D·T]
+        grid = token_grid(input_info, self.patch_size)
+        x = main_task_tokens(tokens, input_info, self.main_tasks, grid)  # [B, N, D·T]
         x = self.proj_dec(x)  # [B, N, E]
         x = rearrange(
             x,
@@ -369,10 +369,10 @@ class DPTHead(nn.Module):
                 f"DPTHead needs the outputs of all {self.encoder_depth} encoder layers, got {got} "
                 "(MultiViT passes them to heads with needs_all_layers=True)"
             )
-        grid = _token_grid(input_info, self.patch_size)
+        grid = token_grid(input_info, self.patch_size)
         feats = []
         for i, hook in enumerate(self.hooks):
-            x = _main_task_tokens(layers[hook], input_info, self.main_tasks, grid)  # [B, N, D·T]
+            x = main_task_tokens(layers[hook], input_info, self.main_tasks, grid)  # [B, N, D·T]
             x = rearrange(x, "b (nh nw) c -> b c nh nw", nh=grid[0], nw=grid[1])
             feats.append(self.layer_rn[i](self.act_postprocess[i](x)))  # [B, F, h_i, w_i]
         path = self.refinenets[3](feats[3], size=feats[2].shape[-2:])

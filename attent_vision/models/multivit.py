@@ -10,13 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from attent_vision.data.modalities import IMAGE_MODALITY, check_modalities
-from attent_vision.models.multimae import (
-    EncoderOutput,
-    MultiMAE,
-    _check_geometry,
-    _encoder_size,
-    _input_adapter,
-)
+from attent_vision.models.builders import check_geometry, encoder_size, input_adapter
+from attent_vision.models.multimae import EncoderOutput, MultiMAE
 from attent_vision.models.output_adapters import InputInfo, default_norm_layer
 
 __all__ = ["MultiViT", "build_multivit"]
@@ -175,9 +170,9 @@ def build_multivit(
     Returns:
         The initialised MultiViT.
     """
-    encoder = _encoder_size(size)
+    encoder = encoder_size(size)
     in_domains = check_modalities("in_domains", in_domains)
-    _check_geometry(image_size=image_size, patch_size=patch_size, semseg_stride=semseg_stride)
+    check_geometry(image_size=image_size, patch_size=patch_size, semseg_stride=semseg_stride)
     derived = {
         "dim_tokens_enc": encoder["dim_tokens"],
         "patch_size": patch_size,
@@ -191,7 +186,7 @@ def build_multivit(
                 f"head {task!r} decodes main task(s) {absent}, which are not in in_domains {in_domains}"
             )
     input_adapters = {
-        d: _input_adapter(
+        d: input_adapter(
             d,
             patch_size=patch_size,
             image_size=image_size,

@@ -25,7 +25,6 @@ from attent_vision.selection.plan import (
     plan_totals,
     subset_size,
 )
-from attent_vision.selection.resizing import StepRemap
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 from attent_vision.selection.score_bank import ScoreBank
 from attent_vision.selection.scoring import FullPassScorer, OnlineScorer, Scorer
@@ -67,7 +66,6 @@ __all__ = [
     "Selection",
     "Selector",
     "SoftSelector",
-    "StepRemap",
     "SubsetSampler",
     "TeacherSetupError",
     "WeightedLossModule",

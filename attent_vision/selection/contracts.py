@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sized
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -82,6 +83,42 @@ class ScoringDataModule(Protocol):
 class LabelledDataModule(Protocol):
     def sample_labels(self) -> Tensor | None:
         """Int64 class of every training sample, for the class histograms in the logs."""
+
+
+@runtime_checkable
+class StopsLongPasses(Protocol):
+    """A callback that can end the run between the batches of a pass that runs outside Lightning's loops (the
+    teacher's scoring pass), as it does between training batches; the run layer's stop handler is one."""
+
+    def stop_if_requested(self, trainer: Any) -> None:
+        """Called before each batch on every rank: raises to stop the run when a stop signal came."""
+
+
+@dataclass(frozen=True)
+class SelectionSnapshot:
+    """What the teacher shows observers (the selection gallery) of its state; the tensors are read-only views.
+
+    Attributes:
+        reselections: Re-selections so far (the length of the teacher's history).
+        last_event: The latest re-selection's event (``selection.jsonl``'s record); {} before the first.
+        scores: (N,) float32 score of every training sample; None before the teacher is set up.
+        measured: (N,) bool: the sample was scored at least once and its score is finite; None with ``scores``.
+        pool: Dataset indices the current epoch trains on; empty on full-data epochs.
+    """
+
+    reselections: int
+    last_event: Mapping[str, Any]
+    scores: Tensor | None
+    measured: Tensor | None
+    pool: frozenset[int]
+
+
+@runtime_checkable
+class ShowsSelection(Protocol):
+    """A callback whose selection state others may draw (the AtteNT teacher)."""
+
+    def selection_snapshot(self) -> SelectionSnapshot:
+        """The current state, cheap enough to ask for at every epoch."""
 
 
 SIGNATURES: dict[type, dict[str, str]] = {

@@ -1,6 +1,6 @@
 """Scorers: how the score bank is filled — a forward-only pass over the training set, or online from training.
 
-A scorer is what ``conf/scoring/<name>.yaml`` builds. The teacher asks it before a re-selection whether a full
+A scorer is what ``attent_vision/conf/pretrain/scoring/<name>.yaml`` builds. The teacher asks it before a re-selection whether a full
 pass is due (:meth:`Scorer.needs_pass`), runs it (:meth:`Scorer.score`), and hands it every training step's
 outputs (:meth:`Scorer.observe`). Indices always travel as int64 in their own tensor: a float tensor cannot hold
 large indices exactly (bf16 loses them above 256).
@@ -22,14 +22,21 @@ from attent_vision.selection.contracts import (
     ScorableModule,
     ScoringDataModule,
     SelectableModule,
+    StopsLongPasses,
     TeacherSetupError,
     accepts_keyword,
     missing,
 )
 from attent_vision.selection.score_bank import ScoreBank
-from attent_vision.tasks.stops import stop_if_requested
 
 log = logging.getLogger(__name__)
+
+
+def stop_if_requested(trainer: pl.Trainer) -> None:
+    """Lets every stop handler among the trainer's callbacks end the run before the next batch of a scoring pass."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopsLongPasses):
+            callback.stop_if_requested(trainer)
 
 
 @dataclass(kw_only=True, eq=False)

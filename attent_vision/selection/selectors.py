@@ -1,6 +1,6 @@
 """Selectors: which samples each epoch trains on, and how the run's epochs are laid out for them.
 
-A selector is what ``conf/selection/<name>.yaml`` builds. It plans the run (:meth:`Selector.plan`) and, before
+A selector is what ``attent_vision/conf/pretrain/selection/<name>.yaml`` builds. It plans the run (:meth:`Selector.plan`) and, before
 every epoch its plan marks ``reselect``, turns the score bank into a :class:`Selection`. The teacher coordinates
 selectors without knowing their names, so a new strategy is one class plus one YAML file::
 

@@ -22,12 +22,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from attent_vision.data.sampler import SubsetSampler
-from attent_vision.seeds import stream_seed
-from attent_vision.selection import rng_state
+from attent_vision.seeds import capture_rng_state, restore_rng_state, stream_seed
 from attent_vision.selection.contracts import (
     LabelledDataModule,
     PlannedSchedule,
     ResizableSchedule,
+    SelectionSnapshot,
     TeacherSetupError,
     WeightedLossModule,
     missing,
@@ -324,6 +324,21 @@ class AtteNTTeacher(pl.Callback):
         out_dir = self.output_dir or Path(trainer.default_root_dir)
         plot_selection(self.plan, self.history, out_dir / "selection.png")
 
+    def selection_snapshot(self) -> SelectionSnapshot:
+        """The teacher's state for observers (:class:`~attent_vision.selection.contracts.ShowsSelection`)."""
+        scores = measured = None
+        if self.bank is not None:
+            scores = self.bank.scores
+            measured = (self.bank.measured_at >= 0) & torch.isfinite(scores)
+        pool = frozenset(self.selection.indices.tolist()) if self.selection is not None else frozenset()
+        return SelectionSnapshot(
+            reselections=len(self.history),
+            last_event=self.history[-1] if self.history else {},
+            scores=scores,
+            measured=measured,
+            pool=pool,
+        )
+
     def summary_fields(self) -> dict[str, Any]:
         totals = plan_totals(self.plan) if self.plan else {}
         scoring = self.scorer.summary()
@@ -369,7 +384,7 @@ class AtteNTTeacher(pl.Callback):
             # Selection and shuffling draw from generators seeded by (seed, cycle, epoch), so the seed is all the
             # teacher's own RNG state; the global RNG states make anything else continue exactly.
             "seed": self.seed,
-            "rng": rng_state.capture(),
+            "rng": capture_rng_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,4 +409,4 @@ class AtteNTTeacher(pl.Callback):
         self.scoring_time_s = state_dict["scoring_time_s"]
         self.selection_time_s = state_dict["selection_time_s"]
         self.scoring_passes = state_dict.get("scoring_passes", 0)
-        rng_state.restore(state_dict["rng"])
+        restore_rng_state(state_dict["rng"])

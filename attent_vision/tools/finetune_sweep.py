@@ -25,14 +25,16 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: finetune.py and conf/
+from attent_vision.config import PRIMARY_CONFIG_DIRS
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: finetune.py
 FINETUNE = ROOT / "finetune.py"
 TASKS = ("cls", "semseg", "depth")
 
 
 def report_column(task: str) -> str:
-    """The downstream.json key a task writes (``task.report_column`` of conf/task/<task>.yaml)."""
-    config = yaml.safe_load((ROOT / "conf" / "task" / f"{task}.yaml").read_text())
+    """The downstream.json key a task writes (``task.report_column`` of attent_vision/conf/finetune/task/<task>.yaml)."""
+    config = yaml.safe_load((PRIMARY_CONFIG_DIRS["finetune"] / "task" / f"{task}.yaml").read_text())
     return config["task"]["report_column"]
 
 

@@ -16,8 +16,8 @@ The image-level class is the object class that covers the most pixels. Label ind
 names (ImageFolder convention); semseg ids follow `SEMSEG_CLASSES`.
 
 Modules: `geometry` (ray-surface intersection), `scenes` (scene sampling and the difficulty score), `render` (ray
-casting into the three modalities), `cache` (writing, locking and reusing datasets) and `cli` (`python -m
-attent_vision.data.synthetic --out DIR`).
+casting into the three modalities), `cache` (writing, locking and reusing datasets), `downstream` (the same scenes
+in the downstream datasets' formats) and `cli` (`python -m attent_vision.data.synthetic --out DIR`).
 """
 
 from .cache import (

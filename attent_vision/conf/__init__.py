@@ -1,0 +1,1 @@
+"""Hydra configs (read by Hydra through its search path, not imported)."""
