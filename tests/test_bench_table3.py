@@ -468,8 +468,8 @@ def test_difficulty_aware_rows_are_compared_with_random_selection_paired_by_seed
     lines = text.splitlines()
     assert any(line.startswith("| AtteNT soft (`soft`) | 1.500×") and "+3.00 [+3.00, +3.00] better" in line
                for line in lines)  # fmt: skip
-    assert any("(soft_online)" in line and "-0.80 [-0.80, -0.80] worse" in line for line in lines)
-    assert any("(soft_cycle)" in line and "(not resolved)" in line for line in lines)
+    assert any("(`soft_online`)" in line and "-0.80 [-0.80, -0.80] worse" in line for line in lines)
+    assert any("(`soft_cycle`)" in line and "(not resolved)" in line for line in lines)
     # Without a random row there is nothing to compare with.
     _, summary = table3.summarise(rows[:2], SEEDS, results, [table3.EVALS["knn_cls"]], {"knn_cls.top1": 2.0})
     assert summary["against_random"] == {}

@@ -384,7 +384,8 @@ def test_help_lists_only_its_own_groups_and_the_shared_ones(script, own, foreign
 def test_the_shared_groups_written_into_help_are_the_shared_folders() -> None:
     shared = CONF_DIR / "shared"
     for script in ("train", "finetune"):
-        template = OmegaConf.load(SCRIPT_DIRS[script] / "hydra" / "default.yaml").help.template
+        raw = OmegaConf.load(SCRIPT_DIRS[script] / "hydra" / "default.yaml")
+        template = OmegaConf.to_container(raw, resolve=False)["help"]["template"]
         for group in ("callbacks", "cluster", "hydra/launcher", "logger", "paths", "trainer"):
             listed = sorted(p.stem for p in (shared / group).glob("*.yaml"))
             assert f"{group}: {', '.join(listed)}" in template, (script, group)

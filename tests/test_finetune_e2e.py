@@ -18,12 +18,8 @@ from omegaconf import OmegaConf
 
 from attent_vision.config import ConfigError
 from attent_vision.data.modalities import DataFormatError
-from attent_vision.models.checkpoint import (
-    load_pretrained,
-    multimae_to_timm_vit,
-    normalize_state_dict,
-    resolve_checkpoint,
-)
+from attent_vision.models.checkpoint import load_pretrained, normalize_state_dict, resolve_checkpoint
+from attent_vision.models.checkpoint_keys import multimae_to_timm_vit
 from attent_vision.runs.finetune import run_finetuning
 
 from .conftest import (

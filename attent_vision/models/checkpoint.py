@@ -402,9 +402,15 @@ def load_pretrained(
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
     if strict and (report.missing or report.unexpected or report.skipped):
+        misfits = [
+            f"{k} {tuple(ckpt[k].shape)} vs model {tuple(target[k].shape)}"
+            for k in report.skipped
+            if k in target and tuple(ckpt[k].shape) != tuple(target[k].shape)
+        ]
         raise ValueError(
             f"{label}: strict loading, but the checkpoint's keys differ from the model's: "
-            f"missing {_listed(report.missing)}, unexpected {_listed(report.unexpected)}, "
+            + (f"shape mismatches {_listed(misfits)}, " if misfits else "")
+            + f"missing {_listed(report.missing)}, unexpected {_listed(report.unexpected)}, "
             f"skipped {_listed(report.skipped)}"
         )
     log.info("Loaded pretrained weights: %s", report.summary())
