@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,7 +51,7 @@ def _status(exception: BaseException) -> str:
     return "diverged" if isinstance(exception, FloatingPointError) else "failed"
 
 
-class SummaryCallback(pl.Callback):
+class SummaryCallback(pl.Callback, ABC):
     """Writes ``summary.json`` into the run directory when fitting ends (or fails).
 
     A run that resumes in its directory continues the summary: ``sessions`` lists every process that worked on the
@@ -98,8 +99,9 @@ class SummaryCallback(pl.Callback):
             "wall_time_s": round(time.perf_counter() - self.run_start, 3),
         }
 
+    @abstractmethod
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The summary.json contents of this run as it stands, ending with ``status``."""
 
     @rank_zero_only
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..modalities import DataFormatError
-from . import __doc__ as PACKAGE_DOC
+from . import imagenet_s50, nyuv2
 from .imagenet_s50 import LINK_MODES, prepare_imagenet_s50
 from .nyuv2 import prepare_nyuv2
 
@@ -18,7 +18,10 @@ def _parser() -> argparse.ArgumentParser:
     """Builds the `python -m attent_vision.data.prepare` argument parser."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="python -m attent_vision.data.prepare", description=PACKAGE_DOC, formatter_class=formatter
+        prog="python -m attent_vision.data.prepare",
+        description="Converts public datasets into the on-disk layouts that `MultiModalFolder` reads.\n\n"
+        + "\n\n".join(module.__doc__.strip() for module in (nyuv2, imagenet_s50)),
+        formatter_class=formatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{nyuv2,imagenet_s50}")
 

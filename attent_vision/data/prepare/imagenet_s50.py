@@ -1,4 +1,4 @@
-"""ImageNet-S50: the MultiMAE multi-task pretraining layout from an ImageNet-S50 image folder
+"""`imagenet_s50` — the MultiMAE multi-task pretraining layout from an ImageNet-S50 image folder
 (`IMAGES/<class>/<stem>.JPEG`, classes = sorted subfolders) and pseudo-label folders
 (`DEPTH/<class>/<stem>.png` 16-bit, `SEMSEG/<class>/<stem>.png` 8-bit ids). Files are matched by `<class>/<stem>`,
 never by sorted position (the reference's pairing bug). Output:

@@ -1,6 +1,4 @@
-"""Converts public datasets into the on-disk layouts that `MultiModalFolder` reads.
-
-NYU Depth V2 NYU Depth V2 (labeled subset) for downstream fine-tuning. Inputs are the official files:
+"""`nyuv2` — NYU Depth V2 (labeled subset) for downstream fine-tuning. Inputs are the official files:
 `nyu_depth_v2_labeled.mat` (MATLAB v7.3, i.e. HDF5, read with h5py), `splits.mat` (`trainNdxs` / `testNdxs`,
 1-based) and `classMapping40.mat` (`mapClass`: 894 original ids -> 40 classes, `className`). Output:
 
