@@ -220,8 +220,8 @@ def _check_async_checkpoint_io() -> None:
     io = AsyncAtomicCheckpointIO()
     assert io._executor is None and io._error is None
     assert isinstance(io.checkpoint_io, AtomicCheckpointIO)
-    io._ensure_setup()
-    assert io._executor is not None
+    io._ensure_setup()  # Lightning's lazy start of the writer thread
+    assert io._executor.submit(lambda: 7).result(timeout=10) == 7, "_ensure_setup started no usable executor"
     io.teardown()
 
 
