@@ -1,16 +1,8 @@
-"""Fine-tune on a downstream task: ``python finetune.py task=cls|semseg|depth [pretrained=<run dir|ckpt>]``."""
+"""Fine-tune on a downstream task: ``python finetune.py task=cls|semseg|depth [pretrained=<run dir|ckpt|name>]``.
 
-import hydra
-from omegaconf import DictConfig
+The same command as the installed ``attent-finetune``; this file lets a checkout run it without installing."""
 
-from attent_vision.runs.cli import run_entry_point
-from attent_vision.runs.finetune import run_finetuning
-
-
-@hydra.main(version_base="1.3", config_path="pkg://attent_vision.conf.finetune", config_name="finetune")
-def main(cfg: DictConfig) -> float | None:
-    return run_entry_point(run_finetuning, cfg)
-
+from attent_vision.cli.finetune import main
 
 if __name__ == "__main__":
     main()

@@ -1,16 +1,8 @@
-"""Pretrain MultiMAE: ``python train.py [group=option ...] [key=value ...]`` (see ``--help`` and ``--cfg job``)."""
+"""Pretrain MultiMAE: ``python train.py [group=option ...] [key=value ...]`` (see ``--help`` and ``--cfg job``).
 
-import hydra
-from omegaconf import DictConfig
+The same command as the installed ``attent-train``; this file lets a checkout run it without installing."""
 
-from attent_vision.runs.cli import run_entry_point
-from attent_vision.runs.pretrain import run_pretraining
-
-
-@hydra.main(version_base="1.3", config_path="pkg://attent_vision.conf.pretrain", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run_entry_point(run_pretraining, cfg)
-
+from attent_vision.cli.train import main
 
 if __name__ == "__main__":
     main()

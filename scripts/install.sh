@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The one place that installs attent_vision's Python dependencies (an editable install of this checkout).
+# The one place that installs attent_vision's Python dependencies (an editable install of this checkout), at the
+# exact versions it is tested with: pyproject.toml declares ranges (so the wheel fits a cluster's own torch), and
+# this script applies constraints.txt, so a checkout, CI and the image all get the pinned stack.
 # The Dockerfile runs it (as root, into the image's Python) and so does CI, through the README's two Quick start
 # commands (inside a fresh venv), so CI proves the image's install step works.
 #
@@ -8,7 +10,7 @@
 #   bash scripts/install.sh dev    pip install -e ".[dev]"     (plus the test/lint tools; "a,b" for several)
 #
 # It installs into whatever `python` is first on PATH: activate the venv first. pip's usual configuration
-# (index, find-links, constraints) applies; nothing else is downloaded.
+# (index, find-links, further constraints) applies; nothing else is downloaded.
 set -euo pipefail
 
 if (($# > 1)); then
@@ -29,7 +31,7 @@ if [[ -n "${extras}" ]]; then
 fi
 
 start=${SECONDS}
-python -m pip install --no-cache-dir -e "${target}"
+python -m pip install --no-cache-dir -c constraints.txt -e "${target}"
 
 # Cheap proof that the pinned stack imports (CUDA is the wheel's build, not a GPU check: builds have no GPU).
 python -c 'import torch, torchvision; print(f"installed torch {torch.__version__} (CUDA build {torch.version.cuda}), torchvision {torchvision.__version__}")'
