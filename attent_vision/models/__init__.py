@@ -43,10 +43,12 @@ from attent_vision.models.multimae import EncoderOutput, MultiMAE
 from attent_vision.models.multivit import MultiViT, build_multivit
 from attent_vision.models.output_adapters import CrossAttention, InputInfo, SpatialOutputAdapter, TaskTokens
 from attent_vision.models.pos_embed import build_2d_sincos_pos_embed, pos_embed_to_tokens, resize_pos_embed
+from attent_vision.models.released import RELEASED_WEIGHTS, WeightsDownloadError, fetch_weights
 from attent_vision.models.task_balancing import NoTaskBalancer, UncertaintyTaskBalancer
 
 __all__ = [
     "MODEL_SIZES",
+    "RELEASED_WEIGHTS",
     "ConvNeXtHead",
     "CrossAttention",
     "DPTHead",
@@ -69,6 +71,7 @@ __all__ = [
     "TaskTokens",
     "TokenMasks",
     "UncertaintyTaskBalancer",
+    "WeightsDownloadError",
     "build_2d_sincos_pos_embed",
     "build_multivit",
     "build_pretrain_multimae",
@@ -77,6 +80,7 @@ __all__ = [
     "dpt_hooks",
     "dpt_layer_dims",
     "expand_alphas",
+    "fetch_weights",
     "generate_random_masks",
     "ids_from_task_masks",
     "load_pretrained",

@@ -1,7 +1,8 @@
 """Reading checkpoints into MultiMAE / MultiViT: find the file, detect its format once, adapt shapes, load, report.
 
 Our Lightning checkpoints, the original MultiMAE release's checkpoints and timm ViT weights (converted by
-:mod:`attent_vision.models.checkpoint_keys`) all go through :func:`load_pretrained`."""
+:mod:`attent_vision.models.checkpoint_keys`) all go through :func:`load_pretrained`; released names and URLs are
+downloaded into torch.hub's cache first (:mod:`attent_vision.models.released`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from attent_vision.models.builders import MODEL_SIZES
 from attent_vision.models.checkpoint_keys import is_timm_vit, timm_vit_to_multimae
 from attent_vision.models.pos_embed import resize_pos_embed
+from attent_vision.models.released import RELEASED_WEIGHTS, fetch_weights, is_url
 
 __all__ = [
     "CheckpointFormat",
@@ -82,15 +85,28 @@ def normalize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
 
 def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Mapping[str, Any]:
     """Loads a checkpoint file on the CPU; ``weights_only`` allows argparse.Namespace (the original MultiMAE
-    checkpoints hold one)."""
+    checkpoints hold one).
+
+    Raises:
+        ValueError: The file is no (complete) checkpoint, or holds objects that ``weights_only`` refuses.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path}: not a PyTorch checkpoint (not in torch.save's format: a corrupt or truncated download, "
+                "or another kind of file?)"
+            ) from err
         raise ValueError(
             f"{path}: checkpoint holds objects that weights_only loading refuses; if you trust the file, pass "
             "weights_only=False"
         ) from err
+    except RuntimeError as err:
+        if "PytorchStreamReader" not in str(err):
+            raise
+        raise ValueError(f"{path}: not a complete PyTorch checkpoint (truncated?): {err}") from err
 
 
 _BLOCK_RE = re.compile(r"^encoder\.(\d+)\.")
@@ -170,17 +186,26 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
     A file is returned as is. For a run directory (or its ``checkpoints/`` folder) this is
     ``checkpoints/last.ckpt`` resolved to its target when it is an existing file (Lightning writes it as a
-    symlink), else the newest ``checkpoints/epoch_*.ckpt`` (highest epoch, then modification time).
+    symlink), else the newest ``checkpoints/epoch_*.ckpt`` (highest epoch, then modification time). A released
+    name (``multimae-b``, ``mae-b``, ... :data:`~attent_vision.models.released.RELEASED_WEIGHTS`; a local path of
+    that name wins) or an http(s) URL resolves to its file in torch.hub's cache, downloaded on first use
+    (:func:`~attent_vision.models.released.fetch_weights`).
 
     Raises:
         FileNotFoundError: ``source`` does not exist, or the directory holds no checkpoint.
+        WeightsDownloadError: A name or URL that is not cached cannot be downloaded, or fails its hash check.
     """
     path = Path(source).expanduser()
+    if is_url(source) or (isinstance(source, str) and source in RELEASED_WEIGHTS and not path.exists()):
+        return fetch_weights(source)
     if path.is_file():
         return path
     if not path.exists():
         dangling = " (a dangling symlink)" if path.is_symlink() else ""
-        raise FileNotFoundError(f"checkpoint source {path} does not exist{dangling}")
+        raise FileNotFoundError(
+            f"checkpoint source {path} does not exist{dangling}; expected a checkpoint file, a run directory, "
+            f"a released name ({', '.join(RELEASED_WEIGHTS)}) or an http(s) URL"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint source {path} is neither a file nor a run directory")
     looked_for = []
@@ -331,7 +356,8 @@ def load_pretrained(
 
     Accepts our Lightning checkpoints (model under ``net.``), original MultiMAE checkpoints (``{'model': ...}``,
     ``module.`` prefixes, with or without output adapters), timm ViT state dicts (converted) and plain state
-    dicts, as a file, a run directory (see :func:`resolve_checkpoint`) or an in-memory dict. Before loading:
+    dicts, as a file, a run directory, a released name or a URL (see :func:`resolve_checkpoint`) or an in-memory
+    dict. Before loading:
     checkpoint output adapters that are not exactly the model's heads are skipped; a semseg ``class_emb`` gets
     the model's padding row (133 → 134); input-adapter pos_embs are resampled (bicubic) to the model's grid.
     The model's heads being missing is expected; every encoder weight (``input_adapters.*``, ``global_tokens``,
@@ -339,7 +365,8 @@ def load_pretrained(
 
     Args:
         model: The model to fill (not wrapped by DDP or torch.compile).
-        source: Checkpoint file, run directory or checkpoint dict.
+        source: Checkpoint file, run directory, released name (``multimae-b``, ...), http(s) URL or checkpoint
+            dict.
         strict: Also require every model key to be filled and every checkpoint key to be used (shape
             adaptations still apply); a ValueError names what differs.
         report_path: Where to write the :class:`LoadReport` as JSON.
@@ -352,6 +379,7 @@ def load_pretrained(
         MissingEncoderWeightsError: An encoder weight is missing, has another shape, or the checkpoint's
             encoder is deeper; the message names the file, the keys and a hint (e.g. the encoder sizes).
         FileNotFoundError: ``source`` cannot be resolved to a checkpoint file.
+        WeightsDownloadError: A released name or URL cannot be downloaded (see :func:`resolve_checkpoint`).
         ValueError: ``strict`` and the checkpoint's keys differ from the model's.
     """
     if isinstance(source, Mapping):

@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 from attent_vision.config import ConfigError
 from attent_vision.models.checkpoint import (
     LoadReport,
-    MissingEncoderWeightsError,
     load_pretrained,
     resolve_checkpoint,
 )
+from attent_vision.models.released import WeightsDownloadError
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,14 @@ def record_downstream(run_dir: Path, column: str, value: float, details: dict[st
 
 
 def resolve_pretrained(cfg: DictConfig) -> Path | None:
-    """The checkpoint file behind ``pretrained=`` (a run directory resolves to its last checkpoint), or None."""
+    """The checkpoint file behind ``pretrained=``, or None: a run directory resolves to its last checkpoint, a
+    released name (``multimae-b``, ``mae-b``, ...) or an http(s) URL to its file in torch.hub's cache, downloaded
+    on first use."""
     if cfg.get("pretrained") is None:
         return None
     try:
         return resolve_checkpoint(str(cfg.pretrained))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, WeightsDownloadError, ValueError) as error:
         raise ConfigError(f"pretrained: {error}") from None
 
 
@@ -74,7 +76,7 @@ def load_encoder(net: Any, source: Path, output_dir: Path) -> LoadReport:
     """Loads the pretrained encoder into ``net``, writing ``<output_dir>/load_report.json``."""
     try:
         report = load_pretrained(net, source, report_path=output_dir / "load_report.json")
-    except MissingEncoderWeightsError as error:
+    except ValueError as error:  # MissingEncoderWeightsError, or a file that is no checkpoint
         raise ConfigError(f"pretrained: {error}") from None
     log.info("pretrained weights: %s (details in load_report.json)", report.summary())
     return report
