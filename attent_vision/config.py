@@ -81,6 +81,34 @@ def _short_dirname(name: str, limit: int = 200) -> str:
     return f"{name[: limit - 9]}-{digest}"
 
 
+def _process_start(pid: int) -> datetime | None:
+    # Linux: field 22 of /proc/<pid>/stat is the start in clock ticks after boot (btime in /proc/stat).
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return datetime.fromtimestamp(boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _launch_stamp(pattern: str) -> str:
+    # torchrun starts every rank as its own process, and each composes its own config: a stamp read from each
+    # rank's clock can differ by a second and split one run into two directories. The launcher's start time is
+    # the same for every rank of the node; across nodes, the rendezvous id (--rdzv-id) is.
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE") and run_id != "none":
+            return f"torchrun_{run_id}"
+        started = _process_start(os.getppid())
+        if started is not None:
+            return started.strftime(pattern)
+    return datetime.now().strftime(pattern)
+
+
 def _run_stamp(pattern: str) -> str:
     # A SLURM job keeps its id when it is requeued, so its run directory must not depend on the start time.
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -88,7 +116,17 @@ def _run_stamp(pattern: str) -> str:
         return f"slurm_{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if os.environ.get("SLURM_JOB_ID"):
         return f"slurm_{os.environ['SLURM_JOB_ID']}"
-    return datetime.now().strftime(pattern)
+    return _launch_stamp(pattern)
+
+
+def _log_suffix() -> str:
+    # Every DDP process configures Hydra's file log; only the first writes <task>.log, the others <task>.rankN.log.
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            if var == "SLURM_PROCID" and os.environ.get("SLURM_NTASKS", "1") == "1":
+                continue
+            return f".rank{os.environ[var]}"
+    return ""
 
 
 def register_resolvers() -> None:
@@ -97,6 +135,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", _run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("launch_stamp"):
+        OmegaConf.register_new_resolver("launch_stamp", _launch_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("log_suffix"):
+        OmegaConf.register_new_resolver("log_suffix", _log_suffix)
     if not OmegaConf.has_resolver("short_dirname"):
         OmegaConf.register_new_resolver("short_dirname", _short_dirname)
     if not OmegaConf.has_resolver("launch_dir"):

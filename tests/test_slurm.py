@@ -454,3 +454,42 @@ def test_a_failing_job_surfaces_its_error_while_the_other_finishes(launch, tmp_p
         assert bad["status"] == "failed" and error in bad["error"], bad
         assert good["status"] == "finished", (good, launcher.diagnostics())
         assert error in launcher.output, launcher.diagnostics()
+
+
+def test_srun_starts_two_ddp_ranks_that_share_one_run_directory(
+    slurm_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The plain-sbatch path's launch, for real: ``srun`` starts one train.py per task and Lightning's SLURM
+    environment wires them into one DDP group (docs/running.md "Several GPUs and nodes")."""
+    name = f"attent-srun-{os.getpid()}"
+    srun = [
+        "srun",
+        f"--job-name={name}",
+        "--partition=debug",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+    ]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1"]
+    try:
+        proc = subprocess.run(
+            [*srun, "--time=10", sys.executable, str(ROOT / "train.py"), *TINY, *ddp],
+            cwd=tmp_path,
+            env=_job_env(tmp_path, slurm_cluster.data_dir),
+            stdin=subprocess.DEVNULL,  # srun forwards its stdin to the first task
+            capture_output=True,
+            text=True,
+            timeout=LAUNCH_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as error:
+        report = diagnostics(tmp_path, f"{error.stdout or ''}\n{error.stderr or ''}")
+        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)
+        pytest.fail(f"srun did not finish within {LAUNCH_TIMEOUT} s (cancelled)\n{report}", pytrace=False)
+    assert proc.returncode == 0, f"srun exited {proc.returncode}:\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+    # One directory, named by the job id (a requeued job comes back to it), whatever rank composed its config.
+    (run,) = (tmp_path / "outputs" / "pretrain" / "runs").iterdir()
+    assert run.name.startswith("slurm_"), run
+    summary = read_summary(run)
+    assert summary["status"] == "finished"
+    assert summary["samples_seen"] == 16 * summary["optimizer_steps"] > 0  # 8 images per task, two tasks
+    assert (run / "pretrain.log").is_file() and (run / "pretrain.rank1.log").is_file()
