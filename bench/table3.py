@@ -422,7 +422,7 @@ def sizes_for(schedule: str, out: Path) -> Sizes:
         ]
     # The dense downstream sets are smaller than the embedded defaults (fine-tuning would dominate otherwise) and
     # live under --out, so the benchmark never rewrites the project's data folder.
-    dense = [f"data.root={out / 'data' / 'nyu'}"] + (
+    dense = [f"data.root={out / 'data' / 'nyu'}", "data.synthetic.create=true"] + (
         ["data.synthetic.num_train=128", "data.synthetic.num_eval=96"]
         if quick
         else ["data.synthetic.num_train=192", "data.synthetic.num_eval=128"]

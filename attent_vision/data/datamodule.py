@@ -16,6 +16,7 @@ from attent_vision.data.modalities import DEFAULT_MODALITIES
 from attent_vision.data.synthetic import ensure_synthetic_dataset
 from attent_vision.data.transforms import MultiModalTransform
 from attent_vision.data.validate import ValidationReport, validate_folder
+from attent_vision.data.validation_cache import validation_cache_dir
 from attent_vision.seeds import item_seed
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,11 @@ class MultiModalDataModule(pl.LightningDataModule):
         train_dir: Train split folder under ``root``.
         val_dir: Validation split folder under ``root``.
         synthetic: Generator parameters; when given, the synthetic scenes are generated into ``root`` on first
-            use (and reused afterwards). ``None`` reads an existing dataset.
+            use (and reused afterwards). ``None`` reads an existing dataset. Its ``create`` (``auto``, ``true`` or
+            ``false``; true when absent) says whether a missing ``root`` may be created; ``auto`` creates it only
+            inside ``data_dir``. A non-empty ``root`` the generator did not write is never written into.
+        data_dir: ``paths.data_dir``: where ``create=auto`` creates a missing synthetic root, and where the data
+            check caches its results when a split folder is read-only (None: in the user cache, ~/.cache).
         modalities: Modalities to load, in token order.
         num_classes: Semantic classes in the semseg maps (the model's class embedding size).
         input_size: Square crop size fed to the model.
@@ -96,6 +101,7 @@ class MultiModalDataModule(pl.LightningDataModule):
         train_dir: str = "train",
         val_dir: str = "val",
         synthetic: dict[str, Any] | None = None,
+        data_dir: str | None = None,
         modalities: Sequence[str] = DEFAULT_MODALITIES,
         num_classes: int = 133,
         input_size: int = 224,
@@ -111,6 +117,7 @@ class MultiModalDataModule(pl.LightningDataModule):
         self.root = Path(root)
         self.train_dir, self.val_dir = train_dir, val_dir
         self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self.modalities = tuple(modalities)
         self.num_classes = num_classes
         self.input_size = input_size
@@ -130,7 +137,7 @@ class MultiModalDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
-            ensure_synthetic_dataset(self.root, **self.synthetic)
+            ensure_synthetic_dataset(self.root, data_dir=self.data_dir, **self.synthetic)
 
     def _transform(self, *, train: bool) -> MultiModalTransform:
         return MultiModalTransform(
@@ -174,7 +181,13 @@ class MultiModalDataModule(pl.LightningDataModule):
         """
         self.setup("fit")
         reports = [
-            validate_folder(split, min_size=min_size, num_classes=self.num_classes, workers=workers)
+            validate_folder(
+                split,
+                min_size=min_size,
+                num_classes=self.num_classes,
+                workers=workers,
+                fallback_dir=validation_cache_dir(self.data_dir),
+            )
             for split in (self.train_set, self.val_set)
         ]
         ValidationReport.combine(reports).raise_if_problems()

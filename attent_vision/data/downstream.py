@@ -31,6 +31,7 @@ from .sampler import SubsetSampler
 from .synthetic.downstream import ensure_classification_scenes, ensure_nyu_like_scenes
 from .transforms import DenseTransform, zero_bit_posterize
 from .validate import ValidationReport, validate_folder, validate_image_folder
+from .validation_cache import validation_cache_dir
 
 __all__ = [
     "ClassificationDataModule",
@@ -152,6 +153,10 @@ class ClassificationDataModule(_ShardedLoaders):
         train_dir: Training split folder.
         val_dir: Evaluation split folder.
         synthetic: Generator parameters of the embedded scenes (written into ``root`` first); None reads ``root``.
+            Its ``create`` (``auto``, ``true`` or ``false``; true when absent) says whether a missing ``root`` may
+            be created.
+        data_dir: ``paths.data_dir``: where ``synthetic.create=auto`` creates a missing ``root``, and where the data
+            check caches its results when a split folder is read-only (None: in the user cache, ~/.cache).
         input_size: Crop side in pixels.
         crop_scale: RandomResizedCrop area range.
         auto_augment: timm RandAugment policy string, or None.
@@ -174,6 +179,7 @@ class ClassificationDataModule(_ShardedLoaders):
         train_dir: str = "train",
         val_dir: str = "val",
         synthetic: dict[str, Any] | None = None,
+        data_dir: str | None = None,
         input_size: int = 224,
         crop_scale: Sequence[float] = (0.08, 1.0),
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
@@ -198,6 +204,7 @@ class ClassificationDataModule(_ShardedLoaders):
         self.num_classes = num_classes
         self.train_dir, self.val_dir = train_dir, val_dir
         self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self.input_size = input_size
         with zero_bit_posterize():
             self.train_transform = create_transform(
@@ -215,7 +222,7 @@ class ClassificationDataModule(_ShardedLoaders):
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
-            ensure_classification_scenes(self.root, **self.synthetic)
+            ensure_classification_scenes(self.root, data_dir=self.data_dir, **self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -253,7 +260,9 @@ class ClassificationDataModule(_ShardedLoaders):
         """
         self.setup("fit")
         reports = [
-            validate_image_folder(split, min_size=min_size, workers=workers)
+            validate_image_folder(
+                split, min_size=min_size, workers=workers, fallback_dir=validation_cache_dir(self.data_dir)
+            )
             for split in (self.train_set, self.val_set)
         ]
         ValidationReport.combine(reports).raise_if_problems()
@@ -281,7 +290,10 @@ class DenseDataModule(_ShardedLoaders):
         num_classes: Classes after label reduction (40 for NYUv2); only used for semseg.
         train_dir: Training split folder.
         val_dir: Evaluation split folder.
-        synthetic: Generator parameters of the embedded scenes; None reads ``root``.
+        synthetic: Generator parameters of the embedded scenes; None reads ``root``. Its ``create`` (``auto``,
+            ``true`` or ``false``; true when absent) says whether a missing ``root`` may be created.
+        data_dir: ``paths.data_dir``: where ``synthetic.create=auto`` creates a missing ``root``, and where the data
+            check caches its results when a split folder is read-only (None: in the user cache, ~/.cache).
         input_size: Training crop / evaluation longest side.
         pad_to: Evaluation padding multiple (the encoder's patch size).
         augmentation: "semseg" (reference segmentation recipe) or "nyu" (reference depth recipe).
@@ -306,6 +318,7 @@ class DenseDataModule(_ShardedLoaders):
         train_dir: str = "train",
         val_dir: str = "test",
         synthetic: dict[str, Any] | None = None,
+        data_dir: str | None = None,
         input_size: int = 256,
         pad_to: int = 16,
         augmentation: str = "semseg",
@@ -339,6 +352,7 @@ class DenseDataModule(_ShardedLoaders):
         self.num_classes = num_classes
         self.train_dir, self.val_dir = train_dir, val_dir
         self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self.input_size = input_size
         common = dict(
             input_size=input_size,
@@ -358,7 +372,7 @@ class DenseDataModule(_ShardedLoaders):
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
-            ensure_nyu_like_scenes(self.root, **self.synthetic)
+            ensure_nyu_like_scenes(self.root, data_dir=self.data_dir, **self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -401,6 +415,7 @@ class DenseDataModule(_ShardedLoaders):
                 ignore_index=transform.ignore_index,
                 reduce_zero_label=transform.reduce_zero_label,
                 workers=workers,
+                fallback_dir=validation_cache_dir(self.data_dir),
             )
             for split in (self.train_set, self.val_set)
         ]

@@ -6,8 +6,9 @@ across modalities. Files are decoded in parallel threads (Pillow releases the GI
 
 Files that pass are remembered in a JSON cache keyed by file size and mtime, so the next start over the same data
 only stats the files. The cache lives at ``<split root>/.attent_validated.json`` when the split folder is writable,
-else at ``$XDG_CACHE_HOME/attent_vision/validated/<split name>-<hash of its absolute path>.json`` (or in
-``cache_dir`` when given)::
+else at ``<fallback_dir>/<split name>-<hash of its absolute path>.json`` (the datamodules pass
+``<paths.data_dir>/.attent/validated``; without one ``$XDG_CACHE_HOME/attent_vision/validated``), or in
+``cache_dir`` when given::
 
     {"version": 1,
      "sections": {"<check parameters>": {"files": {"<path relative to the split root>": [size, mtime_ns, h, w]}}}}
@@ -206,6 +207,7 @@ def validate_samples(
     workers: int | None = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    fallback_dir: str | os.PathLike[str] | None = None,
 ) -> ValidationReport:
     """Reads every file of every sample once and lists everything wrong with them.
 
@@ -215,8 +217,9 @@ def validate_samples(
         root: Split folder the paths are under (names the cache and keys its entries).
         checks: Size and class-id checks on top of the readers'.
         workers: Decoding threads; 0 reads in this thread, None uses `default_workers()`.
-        cache_dir: Folder of the cache file; None uses the split folder if writable, else the user cache.
+        cache_dir: Folder of the cache file; None uses the split folder if writable, else ``fallback_dir``.
         progress: Show a progress bar (only on a terminal).
+        fallback_dir: Folder of the cache when the split folder is read-only (None: the user cache).
 
     Returns:
         The report; call ``raise_if_problems()`` on it to stop on any problem.
@@ -224,7 +227,11 @@ def validate_samples(
     start = time.perf_counter()
     root = Path(root)
     workers = default_workers() if workers is None else workers
-    cache_path = cache_file(root, None if cache_dir is None else Path(cache_dir))
+    cache_path = cache_file(
+        root,
+        None if cache_dir is None else Path(cache_dir),
+        None if fallback_dir is None else Path(fallback_dir),
+    )
     cache = load_cache(cache_path)
     sections: dict[str, Any] = cache["sections"]
     section_key = checks.key()
@@ -344,6 +351,7 @@ def validate_folder(
     workers: int | None = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    fallback_dir: str | os.PathLike[str] | None = None,
 ) -> ValidationReport:
     """Validates every file of a `MultiModalFolder` with the dataset's own readers.
 
@@ -354,8 +362,9 @@ def validate_folder(
         ignore_index: Semseg id that is ignored (always valid).
         reduce_zero_label: Stored semseg id 0 is unlabeled and k is class k - 1 (ids 0..num_classes are valid).
         workers: Decoding threads; 0 reads in this thread, None uses `default_workers()`.
-        cache_dir: Folder of the cache file; None uses the split folder if writable, else the user cache.
+        cache_dir: Folder of the cache file; None uses the split folder if writable, else ``fallback_dir``.
         progress: Show a progress bar (only on a terminal).
+        fallback_dir: Folder of the cache when the split folder is read-only (None: the user cache).
 
     Returns:
         The report; ``raise_if_problems()`` raises the DataFormatError listing the problems.
@@ -369,6 +378,7 @@ def validate_folder(
         workers=workers,
         cache_dir=cache_dir,
         progress=progress,
+        fallback_dir=fallback_dir,
     )
 
 
@@ -379,6 +389,7 @@ def validate_image_folder(
     workers: int | None = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    fallback_dir: str | os.PathLike[str] | None = None,
 ) -> ValidationReport:
     """Validates every image of an ``ImageFolder`` (e.g. `ImageFolderItems`): decodable 8-bit colour, big enough.
 
@@ -386,8 +397,9 @@ def validate_image_folder(
         dataset: The split to check (its ``samples`` are ``(path, class index)``).
         min_size: Smallest accepted height and width (the encoder's patch size).
         workers: Decoding threads; 0 reads in this thread, None uses `default_workers()`.
-        cache_dir: Folder of the cache file; None uses the split folder if writable, else the user cache.
+        cache_dir: Folder of the cache file; None uses the split folder if writable, else ``fallback_dir``.
         progress: Show a progress bar (only on a terminal).
+        fallback_dir: Folder of the cache when the split folder is read-only (None: the user cache).
 
     Returns:
         The report; ``raise_if_problems()`` raises the DataFormatError listing the problems.
@@ -400,6 +412,7 @@ def validate_image_folder(
         workers=workers,
         cache_dir=cache_dir,
         progress=progress,
+        fallback_dir=fallback_dir,
     )
 
 

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_NAME", "all_ints", "cache_file", "load_cache", "write_cache"]
+__all__ = ["CACHE_NAME", "all_ints", "cache_file", "load_cache", "validation_cache_dir", "write_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +20,27 @@ CACHE_NAME = ".attent_validated.json"
 _CACHE_VERSION = 1
 
 
-def cache_file(root: Path, cache_dir: Path | None) -> Path:
-    """The cache of a split root: inside it when writable, else under ``cache_dir`` (default ~/.cache)."""
+def cache_file(root: Path, cache_dir: Path | None, fallback_dir: Path | None = None) -> Path:
+    """The cache of a split root.
+
+    Under ``cache_dir`` when given; else inside the split root when it is writable; else under ``fallback_dir``
+    (the entry points pass ``<paths.data_dir>/.attent/validated``, so that they write nothing outside their data
+    directory), or the user cache (``$XDG_CACHE_HOME``, default ~/.cache) without one.
+    """
     if cache_dir is None and os.access(root, os.W_OK):
         return root / CACHE_NAME
+    if cache_dir is None:
+        cache_dir = fallback_dir
     if cache_dir is None:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         cache_dir = base / "attent_vision" / "validated"
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{root.name}-{digest}.json"
+
+
+def validation_cache_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """Where the data check of a read-only split caches: ``<data_dir>/.attent/validated`` (None without one)."""
+    return None if data_dir is None else Path(data_dir) / ".attent" / "validated"
 
 
 def load_cache(path: Path) -> dict[str, Any]:

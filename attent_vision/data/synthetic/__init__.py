@@ -11,13 +11,15 @@ Layout written under `root`:
     root/{train,val}/{rgb,depth,semseg}/<class>/<stem>.png   rgb 8-bit RGB, depth 16-bit grey, semseg 8-bit ids
     root/{train,val}/difficulty.json                           {stem: {factors..., "difficulty": float}}
     root/meta.json                                             written last; marks a complete dataset
+    root/.attent/{generator.json,generate.lock}                the generator's marker and lock (`roots`)
 
 The image-level class is the object class that covers the most pixels. Label indices follow the sorted class folder
 names (ImageFolder convention); semseg ids follow `SEMSEG_CLASSES`.
 
 Modules: `geometry` (ray-surface intersection), `scenes` (scene sampling and the difficulty score), `render` (ray
-casting into the three modalities), `cache` (writing, locking and reusing datasets), `downstream` (the same scenes
-in the downstream datasets' formats) and `cli` (`python -m attent_vision.data.synthetic --out DIR`).
+casting into the three modalities), `cache` (writing and reusing datasets), `roots` (which folder a generator may
+write into, its marker and lock), `downstream` (the same scenes in the downstream datasets' formats) and `cli`
+(`python -m attent_vision.data.synthetic --out DIR`).
 """
 
 from .cache import (
@@ -28,7 +30,6 @@ from .cache import (
     generate_split,
     generation_lock,
     load_difficulty,
-    locked_generation,
 )
 from .cli import main
 from .render import MAX_DEPTH_M, RenderedScene, render_scene
@@ -48,7 +49,6 @@ __all__ = [
     "generate_split",
     "generation_lock",
     "load_difficulty",
-    "locked_generation",
     "main",
     "render_scene",
 ]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import json
 import logging
 import multiprocessing
@@ -12,7 +10,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..modalities import MODALITIES as MODALITY_NAMES
 from .render import MAX_DEPTH_M, render_scene
+from .roots import GENERATOR_NAME, RootOwner, claimed_root, generation_lock, read_json
 from .scenes import IMAGE_CLASSES, OBJECT_CLASSES, SEMSEG_CLASSES
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "generate_split",
     "generation_lock",
     "load_difficulty",
-    "locked_generation",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,31 +156,31 @@ def _reusable(root: Path, expected: dict[str, Any]) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def generation_lock(root: str | Path) -> Iterator[None]:
-    """An exclusive lock beside ``root``: processes that start together (DDP ranks, sweep jobs) generate it once."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _legacy_set(root: Path) -> bool:
+    """A set this generator wrote before roots were marked: its meta.json, or the marker of an interrupted run."""
+    meta = read_json(root / _META)
+    return (meta is not None and meta.get("generator") == GENERATOR_NAME) or (root / _IN_PROGRESS).is_file()
 
 
-def locked_generation(generate: Callable[..., Path]) -> Callable[..., Path]:
-    """Runs a dataset generator ``generate(root, ...)`` under :func:`generation_lock`."""
+def _multitask_advice(root: Path) -> str | None:
+    """How to train on a real multi-task dataset (``<split>/<modality>/...``) found where the generator would write."""
+    modalities = set(MODALITY_NAMES)
+    for split in root.iterdir():
+        if (
+            split.is_dir()
+            and not split.name.startswith(".")
+            and any((split / m).is_dir() for m in modalities)
+        ):
+            return (
+                "holds a multi-task dataset (<split>/<modality>/<class>/<stem>.<ext>), not the synthetic one; "
+                f"refusing to write into it: train on it with data=multitask_folder data.root={root}"
+            )
+    return None
 
-    @functools.wraps(generate)
-    def wrapper(root: str | Path, *args: Any, **kwargs: Any) -> Path:
-        with generation_lock(root):
-            return generate(root, *args, **kwargs)
 
-    return wrapper
+PRETRAIN_OWNER = RootOwner(kind="pretrain", legacy=_legacy_set, foreign=_multitask_advice)
 
 
-@locked_generation
 def ensure_synthetic_dataset(
     root: str | Path,
     *,
@@ -191,12 +190,17 @@ def ensure_synthetic_dataset(
     max_objects: int = 6,
     seed: int = 0,
     num_workers: int = 0,
+    create: bool | str = True,
+    data_dir: str | Path | None = None,
+    root_key: str = "data.root",
 ) -> Path:
     """Generates the synthetic dataset into `root` unless an identical one is already there.
 
-    The dataset is regenerated (its old train/, val/ and meta.json deleted first) when the parameters or the
-    generator version differ, or when meta.json is missing or incomplete, e.g. after an interrupted run: meta.json is
-    written last. Processes that call it at once take turns (a lock file beside `root`).
+    A complete identical set is reused wherever it lies, without writing anything (a read-only copy works). Else
+    `root` must be new (and allowed to be created), empty, or hold a set this generator wrote (see
+    `attent_vision.data.synthetic.roots`); the set is then regenerated, its old train/, val/ and meta.json deleted
+    first, e.g. after an interrupted run (meta.json is written last). Processes that call it at once take turns
+    (the lock `<root>/.attent/generate.lock`).
 
     Args:
         root: Output folder; receives train/, val/ and meta.json.
@@ -206,13 +210,19 @@ def ensure_synthetic_dataset(
         max_objects: Maximum objects per scene, at most the number of object classes (each object has its own class).
         seed: Dataset seed; every sample is seeded by (seed, split, index).
         num_workers: Worker processes for generation; does not change the output.
+        create: Whether a missing `root` is created: True, False, or "auto" (only inside `data_dir`; the configs'
+            ``data.synthetic.create``).
+        data_dir: ``paths.data_dir``, where "auto" creates a missing root.
+        root_key: The setting that named `root`, for the messages.
 
     Returns:
         `root` as a Path.
 
     Raises:
         ValueError: An argument is out of range.
-        FileExistsError: `root` holds train/ or val/ folders that this generator did not write.
+        ConfigError: `root` is missing and may not be created, or cannot be written.
+        DataRootError: `root` holds files this generator did not write (a real dataset: the message says how to
+            train on it); nothing is written. Also a FileExistsError.
     """
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
@@ -233,23 +243,23 @@ def ensure_synthetic_dataset(
         "seed": seed,
     }
     expected = {"generator_version": GENERATOR_VERSION, "params": params}
-    if _reusable(root, expected):
+    if _reusable(root, expected):  # before any write or lock: a complete set is reused wherever it lies
         log.info("Reusing synthetic dataset at %s (%d train + %d val images)", root, num_train, num_val)
         return root
+    with claimed_root(root, owner=PRETRAIN_OWNER, create=create, data_dir=data_dir, key=root_key):
+        if _reusable(root, expected):  # another process generated it while this one waited for the lock
+            log.info("Reusing synthetic dataset at %s (%d train + %d val images)", root, num_train, num_val)
+            return root
+        return _generate(root, expected, num_workers=num_workers)
 
-    # Only ever delete what this generator wrote: its meta.json, its in-progress marker or its difficulty files.
-    ours = any(
-        (root / name).exists() for name in (_META, _IN_PROGRESS, *(f"{s}/difficulty.json" for s in SPLITS))
-    )
-    if not ours and any((root / split).exists() for split in SPLITS):
-        raise FileExistsError(
-            f"{root} already holds train/ or val/ without a synthetic meta.json; refusing to overwrite it. "
-            "Choose an empty folder."
-        )
+
+def _generate(root: Path, expected: dict[str, Any], *, num_workers: int) -> Path:
+    """Writes the set into a claimed and locked `root`, replacing what this generator wrote there before."""
+    params = expected["params"]
+    num_train, num_val, image_size = params["num_train"], params["num_val"], params["image_size"]
     for split in SPLITS:
         shutil.rmtree(root / split, ignore_errors=True)
     (root / _META).unlink(missing_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
     (root / _IN_PROGRESS).write_text(json.dumps(expected) + "\n")
 
     start = time.perf_counter()
@@ -261,14 +271,14 @@ def ensure_synthetic_dataset(
                 split=split,
                 num_samples=num,
                 image_size=image_size,
-                max_objects=max_objects,
-                seed=seed,
+                max_objects=params["max_objects"],
+                seed=params["seed"],
                 num_workers=num_workers,
                 progress=progress,
             )
     meta = {
         **expected,
-        "generator": "attent_vision.data.synthetic",
+        "generator": GENERATOR_NAME,
         "semseg_classes": list(SEMSEG_CLASSES),
         "image_classes": list(IMAGE_CLASSES),
         "max_depth_m": MAX_DEPTH_M,

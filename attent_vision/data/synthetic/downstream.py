@@ -8,6 +8,7 @@ The fine-tuning tasks read exactly what they read on real data, so the default r
                                                              metres x 65536 / 10 (0 = no reading), semseg uint8 ids
                                                              1..8 with 0 = unlabeled
     root/<kind>/meta.json                                    written last; marks a complete dataset
+    root/<kind>/.attent/                                     the generator's marker and lock (`roots`)
 
 Scenes come from the pretraining generator (`render.render_scene`) with their own seed and split codes, so no
 downstream image is a pretraining image (tests/test_finetune_data.py checks that). Like the real NYUv2, the depth maps
@@ -32,8 +33,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..constants import NYU_DEPTH_SCALE
-from .cache import locked_generation
 from .render import MAX_DEPTH_M, render_scene
+from .roots import RootOwner, claimed_root, read_json
 from .scenes import IMAGE_CLASSES, SEMSEG_CLASSES
 
 __all__ = [
@@ -63,23 +64,42 @@ def _scene(seed: int, kind: str, split: str, index: int, image_size: int, max_ob
 
 
 def _reusable(root: Path, expected: dict[str, Any]) -> bool:
-    try:
-        meta = json.loads((root / _META).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and all(meta.get(key) == value for key, value in expected.items())
+    meta = read_json(root / _META)
+    return meta is not None and all(meta.get(key) == value for key, value in expected.items())
+
+
+def _owner(kind: str, splits: tuple[str, ...], advice: str) -> RootOwner:
+    """The generator of one kind: recognises its own older sets (meta.json) and real datasets (split folders)."""
+
+    def legacy(root: Path) -> bool:
+        meta = read_json(root / _META)
+        return meta is not None and meta.get("kind") == kind and "generator_version" in meta
+
+    def foreign(root: Path) -> str | None:
+        found = [split for split in splits if (root / split).is_dir()]
+        if not found:
+            return None
+        return (
+            f"holds {'/, '.join(found)}/ that the embedded {kind} generator did not write; refusing to write into "
+            f"it: fine-tune on it with data.synthetic=null data.root={root} ({advice})"
+        )
+
+    return RootOwner(kind=kind, legacy=legacy, foreign=foreign)
+
+
+CLASSIFICATION_OWNER = _owner(
+    "classification", ("train", "val"), "experiment=ft_imagenet_s50_cls for ImageNet-S50"
+)
+NYU_LIKE_OWNER = _owner(
+    "nyu_like", ("train", "test"), "experiment=ft_nyuv2_semseg or ft_nyuv2_depth for a prepared NYUv2"
+)
 
 
 def _reset(root: Path, splits: tuple[str, ...]) -> None:
-    """Deletes only what this generator wrote, refusing to touch a folder it did not write."""
-    if any((root / split).exists() for split in splits) and not (root / _META).exists():
-        raise FileExistsError(
-            f"{root} holds {'/'.join(splits)} folders without a generator meta.json; refusing to overwrite it"
-        )
+    """Deletes what this generator wrote before (the root is claimed: it holds nothing else)."""
     for split in splits:
         shutil.rmtree(root / split, ignore_errors=True)
     (root / _META).unlink(missing_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
 
 
 def _write_meta(root: Path, meta: dict[str, Any]) -> None:
@@ -88,7 +108,6 @@ def _write_meta(root: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, root / _META)
 
 
-@locked_generation
 def ensure_classification_scenes(
     root: str | Path,
     *,
@@ -97,6 +116,8 @@ def ensure_classification_scenes(
     image_size: int = 80,
     max_objects: int = 4,
     seed: int = 2026,
+    create: bool | str = True,
+    data_dir: str | Path | None = None,
 ) -> Path:
     """Writes (or reuses) the scene-classification set in the ImageNet-S50 folder layout.
 
@@ -107,17 +128,32 @@ def ensure_classification_scenes(
         image_size: Image side in pixels.
         max_objects: Maximum objects per scene.
         seed: Dataset seed (the pretraining data uses its own seed and split codes).
+        create: Whether a missing `root` is created: True, False, or "auto" (only inside `data_dir`).
+        data_dir: ``paths.data_dir``, where "auto" creates a missing root.
 
     Returns:
         `root` as a Path.
+
+    Raises:
+        ConfigError: `root` is missing and may not be created, or cannot be written.
+        DataRootError: `root` holds files this generator did not write; nothing is written.
     """
     root = Path(root)
     params = dict(
         num_train=num_train, num_eval=num_eval, image_size=image_size, max_objects=max_objects, seed=seed
     )
     expected = {"generator_version": GENERATOR_VERSION, "kind": "classification", "params": params}
-    if _reusable(root, expected):
+    if _reusable(root, expected):  # before any write or lock: a complete set is reused wherever it lies
         return root
+    with claimed_root(root, owner=CLASSIFICATION_OWNER, create=create, data_dir=data_dir):
+        if not _reusable(root, expected):
+            _write_classification(root, expected)
+    return root
+
+
+def _write_classification(root: Path, expected: dict[str, Any]) -> None:
+    num_train, num_eval = expected["params"]["num_train"], expected["params"]["num_eval"]
+    seed, image_size, max_objects = (expected["params"][k] for k in ("seed", "image_size", "max_objects"))
     _reset(root, ("train", "val"))
     start = time.perf_counter()
     counts: dict[str, dict[str, int]] = {}
@@ -136,7 +172,6 @@ def ensure_classification_scenes(
     log.info(
         "Generated %d + %d classification scenes in %.1f s", num_train, num_eval, time.perf_counter() - start
     )
-    return root
 
 
 def _unlabel_boundaries(labels: np.ndarray) -> np.ndarray:
@@ -146,7 +181,6 @@ def _unlabel_boundaries(labels: np.ndarray) -> np.ndarray:
     return np.where(grown == shrunk, labels, 0).astype(np.uint8)
 
 
-@locked_generation
 def ensure_nyu_like_scenes(
     root: str | Path,
     *,
@@ -156,6 +190,8 @@ def ensure_nyu_like_scenes(
     max_objects: int = 6,
     sensor_range_m: float = 8.0,
     seed: int = 2026,
+    create: bool | str = True,
+    data_dir: str | Path | None = None,
 ) -> Path:
     """Writes (or reuses) the segmentation + metric-depth set in the prepared NYUv2 layout.
 
@@ -167,9 +203,16 @@ def ensure_nyu_like_scenes(
         max_objects: Maximum objects per scene.
         sensor_range_m: Depth beyond this range reads 0 (no measurement), like a structured-light sensor.
         seed: Dataset seed.
+        create: Whether a missing `root` is created: True, False, or "auto" (only inside `data_dir`).
+        data_dir: ``paths.data_dir``, where "auto" creates a missing root.
 
     Returns:
         `root` as a Path.
+
+    Raises:
+        ValueError: `sensor_range_m` is out of range.
+        ConfigError: `root` is missing and may not be created, or cannot be written.
+        DataRootError: `root` holds files this generator did not write; nothing is written.
     """
     root = Path(root)
     if not 0 < sensor_range_m <= 10.0:
@@ -185,8 +228,18 @@ def ensure_nyu_like_scenes(
         seed=seed,
     )
     expected = {"generator_version": GENERATOR_VERSION, "kind": "nyu_like", "params": params}
-    if _reusable(root, expected):
+    if _reusable(root, expected):  # before any write or lock: a complete set is reused wherever it lies
         return root
+    with claimed_root(root, owner=NYU_LIKE_OWNER, create=create, data_dir=data_dir):
+        if not _reusable(root, expected):
+            _write_nyu_like(root, expected)
+    return root
+
+
+def _write_nyu_like(root: Path, expected: dict[str, Any]) -> None:
+    params = expected["params"]
+    num_train, num_eval, sensor_range_m = params["num_train"], params["num_eval"], params["sensor_range_m"]
+    seed, image_size, max_objects = params["seed"], params["image_size"], params["max_objects"]
     _reset(root, ("train", "test"))
     start = time.perf_counter()
     with tqdm(total=num_train + num_eval, desc="downstream nyu-like scenes", unit="img", leave=False) as bar:
@@ -221,4 +274,3 @@ def ensure_nyu_like_scenes(
     }
     _write_meta(root, meta)
     log.info("Generated %d + %d NYU-like scenes in %.1f s", num_train, num_eval, time.perf_counter() - start)
-    return root
