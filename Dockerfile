@@ -1,10 +1,13 @@
 # attent_vision training image: `docker run --gpus all IMAGE selection=soft ratio=incremental` passes Hydra overrides;
 # fine-tuning: `docker run --gpus all --entrypoint python IMAGE finetune.py task=cls`.
-# The base is a pinned CUDA PyTorch runtime; scripts/install.sh (`pip install -e .`) then installs the project's
-# pinned stack (torch 2.14.1 wheels bundle their own CUDA libraries). CI runs the same script through the README's
-# Quick start commands, so CI exercises this image's install step.
-ARG PYTORCH_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
-FROM ${PYTORCH_IMAGE}
+# One torch: the base is a slim Python with no torch of its own, and scripts/install.sh installs the pinned stack
+# (constraints.txt) into a venv; on Linux x86_64 PyPI's torch wheel is the CUDA build, which brings the CUDA
+# libraries as nvidia-* wheels (the host only needs a driver). CI runs the same script through the README's Quick
+# start commands; scripts/build_image.sh builds this image and runs the smoke experiment inside it.
+# BASE_IMAGE (fully qualified: buildah and podman do not guess a registry): any Debian-like image with python3
+# (>= 3.11) and its venv module, e.g. the one build_image.sh --base debootstrap makes where no registry is reachable.
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG UID=1000
 ARG GID=1000
@@ -14,6 +17,8 @@ ARG INSTALL_EXTRAS=""
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH} \
     HOME=/home/attent \
     XDG_CACHE_HOME=/home/attent/.cache \
     WANDB_DIR=/workspace/outputs \
@@ -22,20 +27,27 @@ ENV PYTHONUNBUFFERED=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# A venv, not the base's own Python: the same layout on python:*-slim (/usr/local) and on Debian's python3 (/usr,
+# which refuses pip installs into the system site-packages).
 RUN groupadd --gid "${GID}" attent \
     && useradd -l -m --uid "${UID}" --gid "${GID}" --shell /bin/bash attent \
+    && python3 -m venv "${VIRTUAL_ENV}" \
     && mkdir -p /app /workspace/data /workspace/outputs \
     && chown -R "${UID}:${GID}" /app /workspace
 
 WORKDIR /app
 
-# Dependencies first, so editing the sources does not invalidate this layer: only what the install needs is copied.
-# It runs as root (pip writes into the base image's Python); the editable install points at /app, and the
-# egg-info it writes there is handed to the runtime user.
-COPY --chown=${UID}:${GID} pyproject.toml README.md ./
+# Dependencies first, so editing the sources does not invalidate this layer: only what the install needs is copied
+# (the metadata pyproject.toml names: README.md, LICENSE; the pins; the package's root). It runs as root (pip
+# writes into the venv); the editable install points at /app, and the egg-info it writes there is handed to the
+# runtime user. Behind a TLS-intercepting proxy, pass its CA bundle as the optional build secret `pip_ca`
+# (build_image.sh --ca-bundle FILE): pip uses it for this step only, and it is not stored in the image.
+COPY --chown=${UID}:${GID} pyproject.toml README.md LICENSE constraints.txt ./
 COPY --chown=${UID}:${GID} attent_vision/__init__.py attent_vision/__init__.py
 COPY --chown=${UID}:${GID} scripts/install.sh scripts/install.sh
-RUN bash scripts/install.sh "${INSTALL_EXTRAS}" \
+RUN --mount=type=secret,id=pip_ca \
+    if [[ -s /run/secrets/pip_ca ]]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && bash scripts/install.sh "${INSTALL_EXTRAS}" \
     && chown -R "${UID}:${GID}" /app
 
 COPY --chown=${UID}:${GID} attent_vision ./attent_vision

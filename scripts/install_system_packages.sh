@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The Debian packages some tests need, installed with apt-get: a real SLURM (`slurm-wlm`, `munge`) for
-# tests/test_slurm.py and a headless browser (`chromium`) for tests/test_report_html.py. Training never needs them.
+# The Debian packages some tests and tools need, installed with apt-get: a real SLURM (`slurm-wlm`, `munge`) for
+# tests/test_slurm.py, a headless browser (`chromium`) for tests/test_report_html.py, and a daemonless image
+# builder (`buildah`, with `debootstrap` for a locally made base) for scripts/build_image.sh. Training never needs
+# them.
 #
-# Usage: bash scripts/install_system_packages.sh [slurm] [chromium]     (no argument: both)
+# Usage: bash scripts/install_system_packages.sh [slurm] [chromium] [buildah]     (no argument: slurm chromium)
 #
 # Idempotent: a set whose programs are already on PATH is skipped, and nothing runs apt-get then. One lock
 # (/tmp/attent-apt.lock) serialises every caller: .ci/run starts this script in the background while the main
@@ -24,13 +26,16 @@ programs_of() {
   case "$1" in
     slurm) echo "slurmctld slurmd munged sinfo sbatch scontrol" ;;
     chromium) echo "chromium" ;;
-    *) die "unknown package set '$1' (expected slurm or chromium)" ;;
+    buildah) echo "buildah debootstrap" ;;
+    *) die "unknown package set '$1' (expected slurm, chromium or buildah)" ;;
   esac
 }
 packages_of() {
   case "$1" in
     slurm) echo "slurm-wlm munge" ;;
     chromium) echo "chromium fonts-dejavu-core" ;;
+    # No runtime (crun/runc) or fuse-overlayfs: build_image.sh runs buildah as root with chroot isolation and vfs.
+    buildah) echo "buildah debootstrap debian-archive-keyring" ;;
   esac
 }
 

@@ -1,5 +1,6 @@
-"""The Dockerfile is linted (hadolint) and parsed; there is no Docker engine in CI to build it. Every shell script
-of the repository (the install script the image runs among them) is checked with shellcheck.
+"""The Dockerfile is linted (hadolint) and parsed, and its build context (.dockerignore) checked; CI does not build
+the image (scripts/build_image.sh does, in 5-10 minutes: docs/cluster.md). Every shell script of the repository
+(the install script the image runs and build_image.sh among them) is checked with shellcheck.
 
 Its dependency layer runs scripts/install.sh, the script CI runs through the README's Quick start commands, so the
 image's install step is exercised in CI even though the image is not built there.
@@ -7,10 +8,12 @@ image's install step is exercised in CI even though the image is not built there
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = ROOT / "scripts" / "install.sh"
+BUILD_SCRIPT = ROOT / "scripts" / "build_image.sh"
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +48,49 @@ def test_hadolint_is_clean():
     assert proc.returncode == 0, json.loads(proc.stdout or "[]")
 
 
-def test_base_image_is_a_pinned_cuda_pytorch_image(dockerfile):
-    args = {
-        ins["value"].split("=", 1)[0]: ins["value"].split("=", 1)[1]
-        for ins in dockerfile.structure
-        if ins["instruction"] == "ARG" and "=" in ins["value"]
+def test_image_carries_one_torch_the_pinned_one(dockerfile, instructions):
+    """The base is a slim Python without a torch; the only torch is the one install.sh pins, in the image's venv."""
+    # ARGs before FROM (dockerfile.args holds only the final stage's).
+    base = next(v.split("=", 1)[1] for i, v in instructions if i == "ARG" and v.startswith("BASE_IMAGE="))
+    assert dockerfile.baseimage == base, (
+        "FROM must be the BASE_IMAGE argument (build_image.sh --base sets it)"
+    )
+    # Fully qualified (buildah and podman do not guess a registry), a Python version tag, no torch or CUDA of its own.
+    name, tag = base.rsplit(":", 1)
+    assert name == "docker.io/library/python", base
+    match = re.fullmatch(r"3\.(\d+)(?:\.\d+)?-slim-(\w+)", tag)
+    assert match and int(match[1]) >= 11, f"{base}: expected a python:3.X-slim-<debian> tag, X >= 11"
+    # build_image.sh --base debootstrap makes the same Debian release as the default base.
+    assert f"SUITE={match[2]} " in BUILD_SCRIPT.read_text(), f"build_image.sh's SUITE is not {match[2]}"
+    # The pin install.sh applies names one torch.
+    pins = [
+        line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch==")
+    ]
+    assert len(pins) == 1, pins
+    # python/pip are the venv's: created before the install, first on PATH, so ENTRYPOINT's python is its python.
+    venv = dockerfile.envs["VIRTUAL_ENV"]
+    assert dockerfile.envs["PATH"].startswith(f"{venv}/bin:")
+    install = next(n for n, (i, v) in enumerate(instructions) if i == "RUN" and "scripts/install.sh" in v)
+    assert any(i == "RUN" and 'python3 -m venv "${VIRTUAL_ENV}"' in v for i, v in instructions[:install])
+
+
+def install_script_needs() -> set[str]:
+    """The checkout files scripts/install.sh reads: itself, its constraints file, the package root and the files
+    pyproject.toml names (readme, license files), which setuptools reads to build the editable install."""
+    argv = install_script_pip_command()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {
+        "scripts/install.sh",
+        argv[argv.index("-c") + 1],
+        "pyproject.toml",
+        "attent_vision/__init__.py",
+        project["readme"],
+        *project.get("license-files", []),
     }
-    image = args["PYTORCH_IMAGE"]
-    name, tag = image.rsplit(":", 1)
-    assert name == "pytorch/pytorch"
-    assert tag != "latest" and "cuda" in tag and tag[0].isdigit()
+
+
+def test_install_script_needs_are_read_from_its_pip_line_and_pyproject():
+    assert install_script_needs() >= {"constraints.txt", "README.md", "LICENSE", "pyproject.toml"}
 
 
 def test_dependencies_install_through_the_ci_script_only(instructions):
@@ -64,9 +101,9 @@ def test_dependencies_install_through_the_ci_script_only(instructions):
         "no pip install besides scripts/install.sh"
     )
     install = installs[0]
-    # Layer caching: only what the install needs is copied before it; the sources come after.
+    # Layer caching: exactly what the install needs is copied before it; the sources come after.
     before = [src for i, v in instructions[:install] if i == "COPY" for src in copied_sources(v)]
-    assert set(before) == {"pyproject.toml", "README.md", "attent_vision/__init__.py", "scripts/install.sh"}
+    assert set(before) == install_script_needs()
     after = [src for i, v in instructions[install:] if i == "COPY" for src in copied_sources(v)]
     for needed in ("attent_vision", "train.py", "finetune.py", "scripts"):
         assert needed in after, f"{needed} is not copied into the image"
@@ -182,8 +219,8 @@ def test_shebang_interpreter_reads_direct_and_env_shebangs():
 def test_every_shell_script_is_shellcheck_clean():
     binary = shellcheck_binary()
     scripts = repository_shell_scripts()
-    # The discovery itself works: the script this module tests and CI's entry point (no suffix, a shebang).
-    assert INSTALL_SCRIPT in scripts and ROOT / ".ci" / "run" in scripts, scripts
+    # The discovery itself works: the scripts this module tests and CI's entry point (no suffix, a shebang).
+    assert {INSTALL_SCRIPT, BUILD_SCRIPT, ROOT / ".ci" / "run"} <= set(scripts), scripts
     proc = subprocess.run(
         [binary, "--format=gcc", *[str(s.relative_to(ROOT)) for s in scripts]],
         cwd=ROOT,
@@ -192,3 +229,63 @@ def test_every_shell_script_is_shellcheck_clean():
     )
     checked = ", ".join(str(s.relative_to(ROOT)) for s in scripts)
     assert proc.returncode == 0, f"shellcheck findings in {checked}:\n{proc.stdout}{proc.stderr}"
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Whether Docker's .dockerignore rules leave ``path`` out of the build context: the last matching pattern
+    wins, ``!`` re-includes, and a pattern that matches a folder matches everything under it."""
+    excluded = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern.removeprefix("!").strip("/")
+        regex = re.escape(body).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def test_dockerignore_matcher_follows_dockers_rules():
+    patterns = ["*", "!src", "**/__pycache__", "src/local/*.yaml"]
+    assert dockerignore_excludes("notes.txt", patterns)
+    assert not dockerignore_excludes("src/a/b.py", patterns)
+    assert dockerignore_excludes("src/a/__pycache__/b.pyc", patterns)
+    assert dockerignore_excludes("src/local/x.yaml", patterns)
+    assert not dockerignore_excludes("src/local/x.txt", patterns)
+
+
+def test_build_context_is_what_the_dockerfile_copies(instructions):
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    sources = [src for i, v in instructions if i == "COPY" for src in copied_sources(v)]
+    for source in sources:
+        assert not dockerignore_excludes(source, patterns), (
+            f".dockerignore leaves out {source}, which is copied"
+        )
+        assert (ROOT / source).exists(), f"COPY {source}: not in the checkout"
+    for local in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "outputs/pretrain/runs/x/last.ckpt",
+        "data/synthetic/train.h5",
+        "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "attent_vision.egg-info/PKG-INFO",
+        "attent_vision/__pycache__/config.cpython-311.pyc",
+        "attent_vision/conf/shared/local/cluster.yaml",
+    ):
+        assert dockerignore_excludes(local, patterns), f".dockerignore sends {local} to the engine"
+
+
+def test_build_image_script_rejects_bad_arguments_before_building():
+    cases = {
+        ("--engine", "kubectl"): "--engine: expected docker, podman or buildah",
+        ("--tag",): "--tag needs a value",
+        ("--ca-bundle", "/nonexistent/ca.pem"): "is not a readable file",
+        ("--frobnicate",): "unknown argument '--frobnicate'",
+    }
+    for argv, message in cases.items():
+        proc = subprocess.run(["bash", str(BUILD_SCRIPT), *argv], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1 and message in proc.stderr, (argv, proc.stderr)
+    usage = subprocess.run(["bash", str(BUILD_SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and "--base IMAGE|debootstrap" in usage.stdout, usage.stdout
