@@ -23,6 +23,8 @@ class Sabotage(pl.Callback):
         action: One of
 
             - "raise";
+            - "raise-in-window": raise after the first training batch of the accumulation window that follows step
+              ``at_step`` (between its batches: the crash checkpoint holds a partial window);
             - "signal:<NAME>": the process signals itself after the training batch of ``at_step``;
             - "signal-in-scoring:<NAME>": it signals itself inside the second batch of the teacher's scoring pass
               that runs at ``at_step`` (0: the pass a resumed run makes before training);
@@ -104,6 +106,8 @@ class Sabotage(pl.Callback):
             return
         if trainer.global_step != self.at_step or self.marker.exists():
             return
+        if self.action == "raise-in-window" and not trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # the batch that made step at_step: wait for the next one, inside the following window
         if self.kind == "sigint-twice":
             self._fire(trainer, signal.SIGINT)
             stop = next(cb for cb in trainer.callbacks if hasattr(cb, "received"))
@@ -119,7 +123,7 @@ class Sabotage(pl.Callback):
             return
         if trainer.is_global_zero:
             self.marker.write_text(str(os.getpid()))
-        if self.action == "raise":
+        if self.action in ("raise", "raise-in-window"):
             raise RuntimeError(f"sabotage at step {self.at_step}")
         if self.action == "poison":
             with torch.no_grad():

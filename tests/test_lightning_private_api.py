@@ -22,6 +22,12 @@ Where each is used (file: function or class):
   ``GracefulStop.on_exception``, ``GracefulStop.stop_if_requested``.
 - ``Trainer.fit_loop.epoch_loop.batch_progress.is_last_batch`` (not underscored, but loop internals):
   ``attent_vision/runs/stops.py``: ``GracefulStop.on_train_batch_end``.
+- ``Trainer.fit_loop.epoch_loop._should_accumulate()``: ``attent_vision/runs/stops.py``:
+  ``GracefulStop.on_train_batch_end`` (stops wait for the end of an accumulated step).
+- ``Trainer.fit_loop.epoch_loop.batch_progress.current.processed``: ``attent_vision/lightning/pretrain.py`` and
+  ``attent_vision/selection/teacher.py`` (batches already trained in the epoch, under accumulation and resume).
+- ``WeightAveraging._swap_models`` (overridden), ``WeightAveraging._average_model`` (a torch ``AveragedModel``
+  with ``n_averaged``): ``attent_vision/runs/callbacks.py``: ``EMAWeights``.
 - The checkpoint's loop state, ``checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]`` with its
   ``total``/``current`` counters (``ready``, ``started``, ``processed``, ``completed``) and ``is_last_batch``:
   ``attent_vision/runs/stops.py``: ``validation_not_run``.
@@ -158,6 +164,20 @@ def _check_is_last_batch() -> None:
     assert _fitted()[1].seen == [False, True], f"is_last_batch read {_fitted()[1].seen} over two batches"
 
 
+def _check_epoch_loop_accumulation() -> None:
+    epoch_loop = _fitted()[0].fit_loop.epoch_loop
+    assert epoch_loop.batch_progress.current.processed == 2
+    assert epoch_loop._should_accumulate() is False  # one batch per step: never between the batches of a step
+
+
+def _check_weight_averaging() -> None:
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    assert callable(WeightAveraging._swap_models)
+    callback = WeightAveraging()
+    assert callback._average_model is None  # set up in setup(); EMAWeights reads it and its n_averaged
+
+
 def _check_validation_progress_layout() -> None:
     checkpoint = _fitted()[0]._checkpoint_connector.dump_checkpoint(weights_only=False)
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
@@ -263,6 +283,8 @@ def test_every_private_lightning_api_the_project_uses_is_still_there(tmp_path: P
         "DDPStrategy._configure_launcher / ._launcher / ._start_method": _check_configure_launcher,
         "Trainer._checkpoint_connector.dump_checkpoint": _check_checkpoint_connector,
         "Trainer.fit_loop.epoch_loop.batch_progress.is_last_batch": _check_is_last_batch,
+        "fit_loop.epoch_loop._should_accumulate / .batch_progress.current.processed": _check_epoch_loop_accumulation,
+        "WeightAveraging._swap_models / ._average_model": _check_weight_averaging,
         'checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]': _check_validation_progress_layout,
         'checkpoint["loops"]["fit_loop"]["epoch_progress"]': _check_epoch_progress_layout,
         "Trainer._signal_connector._original_handlers": _check_signal_connector,

@@ -30,6 +30,7 @@ from attent_vision.lightning.metrics import (
 from attent_vision.lightning.optim import (
     OptimizerFactory,
     build_optimizer,
+    resume_trained_weights,
     scaled_lr,
     warmup_cosine_scheduler,
 )
@@ -71,6 +72,7 @@ class FinetuneModule(pl.LightningModule, ABC):
         min_lr: Learning rate at the last step.
         attention: Attention kernel: "auto" (per device and precision, ``attent_vision.models.attention``),
             "fused" (SDPA) or "math" (explicit softmax).
+        compile: ``torch.compile`` the network in place when fitting (its state_dict keys stay the same).
     """
 
     main_metric: str = ""
@@ -89,11 +91,13 @@ class FinetuneModule(pl.LightningModule, ABC):
         warmup_epochs: float = 5.0,
         min_lr: float = 1e-6,
         attention: AttentionPath = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         use_fused_attention(attention, device_type="cpu", precision="32-true")  # rejects a bad value now
         self.attention = attention
+        self.compile_net = compile
         self.net = net
         if task not in (net.output_adapters or {}):
             raise ValueError(
@@ -134,6 +138,8 @@ class FinetuneModule(pl.LightningModule, ABC):
     def setup(self, stage: str) -> None:
         if not hasattr(self, "val_metrics"):
             self.val_metrics = self.make_metrics()
+        if stage == "fit" and self.compile_net:
+            self.net.compile()  # in place, as pretraining: state_dict keys stay those of the uncompiled network
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -188,6 +194,9 @@ class FinetuneModule(pl.LightningModule, ABC):
         """The main metric of a trivial predictor on the evaluation split, and how it was obtained."""
 
     # ------------------------------------------------------------------------------------------------ optimisation
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        resume_trained_weights(self._trainer, checkpoint)
 
     def global_batch_size(self) -> int:
         return (

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
@@ -33,6 +36,7 @@ __all__ = [
     "OptimizerFactory",
     "StepRemap",
     "build_optimizer",
+    "resume_trained_weights",
     "scaled_lr",
     "warmup_cosine_lr",
     "warmup_cosine_scheduler",
@@ -171,3 +175,22 @@ def warmup_cosine_scheduler(
     remap = remap or StepRemap(total_steps)
     schedule = partial(_relative_lr, remap=remap, min_ratio=min_ratio, warmup_steps=warmup_steps)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}
+
+
+def resume_trained_weights(trainer: pl.Trainer | None, checkpoint: dict[str, Any]) -> None:
+    """Let a fit resumed without weight averaging go on from the trained weights (a module's ``on_load_checkpoint``).
+
+    A checkpoint of a run with an EMA of its weights (``callbacks=ema``) holds the average in ``state_dict`` and the
+    trained weights in ``current_model_state``. Resumed with the averaging callback, the callback restores both;
+    resumed without it, Lightning would silently continue training from the average, so the trained weights are put
+    back in its place. Evaluating such a checkpoint (not fitting) keeps the average.
+    """
+    if "current_model_state" not in checkpoint or trainer is None or trainer.state.fn != "fit":
+        return
+    if any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks):
+        return
+    rank_zero_warn(
+        "resuming a checkpoint written with weight averaging (callbacks=ema) without it: training goes on from the "
+        "trained weights (current_model_state); the average is dropped"
+    )
+    checkpoint["state_dict"] = checkpoint["current_model_state"]

@@ -12,7 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from attent_vision.data.modalities import MODALITIES, NORM_PIX_TASK, loss_target
-from attent_vision.lightning.optim import StepRemap, build_optimizer, scaled_lr, warmup_cosine_scheduler
+from attent_vision.lightning.optim import (
+    StepRemap,
+    build_optimizer,
+    resume_trained_weights,
+    scaled_lr,
+    warmup_cosine_scheduler,
+)
 from attent_vision.models.attention import AttentionPath, configure_attention, use_fused_attention
 from attent_vision.models.losses import SampleLoss, default_loss, reduce_batch, truncated_depth_standardize
 from attent_vision.seeds import item_seeds
@@ -108,6 +114,7 @@ class MultiMAEPretrainModule(pl.LightningModule):
             None  # step -> LR schedule position; moves when the plan is resized
         )
         self._sample_weights: Tensor | None = None  # (M,) loss weight per dataset index for this epoch
+        self._window_gradients_to_restore: dict[str, Tensor] | None = None  # see on_load_checkpoint
 
     # ----------------------------------------------------------------------------------------------------------
     # forward and losses
@@ -321,9 +328,34 @@ class MultiMAEPretrainModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["samples_seen"] = self.samples_seen
+        gradients = self._window_gradients()
+        if gradients is not None:
+            checkpoint["window_gradients"] = gradients
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
+        resume_trained_weights(self._trainer, checkpoint)
+        self._window_gradients_to_restore = checkpoint.get("window_gradients")
+
+    def on_train_start(self) -> None:
+        # Set here, after the Trainer zeroes every gradient before fitting. Lightning then zeroes them only as an
+        # accumulation window starts, so the resumed batches of this window add to them.
+        gradients, self._window_gradients_to_restore = self._window_gradients_to_restore, None
+        parameters = dict(self.named_parameters())
+        for name, gradient in (gradients or {}).items():
+            parameters[name].grad = gradient.to(parameters[name].device)
+
+    def _window_gradients(self) -> dict[str, Tensor] | None:
+        """The gradients of an unfinished accumulation window (a stop or crash checkpoint between its batches), so
+        that the resumed run steps on the whole window. One process only: under DDP they are each rank's own until
+        the window's last batch, and the resumed step then lacks the batches trained before the checkpoint."""
+        trainer = self._trainer
+        if trainer is None or trainer.accumulate_grad_batches == 1 or trainer.world_size != 1:
+            return None
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if processed % trainer.accumulate_grad_batches == 0:
+            return None
+        return {name: p.grad.detach() for name, p in self.named_parameters() if p.grad is not None}
 
 
 def _task_losses(net: nn.Module, losses: Mapping[str, nn.Module]) -> dict[str, nn.Module]:

@@ -10,7 +10,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from attent_vision.config import validate_finetune_config
+from attent_vision.config import ConfigError, validate_finetune_config
 from attent_vision.runs.callbacks import run_callbacks
 from attent_vision.runs.downstream import (
     load_encoder,
@@ -32,6 +32,7 @@ from attent_vision.runs.kit import (
 )
 from attent_vision.runs.probe import run_probe
 from attent_vision.runs.summary import FinetuneSummary
+from attent_vision.selection.plan import check_accumulation
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ def run_finetuning(cfg: DictConfig) -> float | None:
     """Fine-tune (or evaluate, or probe with ``probe=knn|linear``) as configured; returns the final value of the
     task's main metric."""
     validate_finetune_config(cfg)
+    try:
+        check_accumulation(cfg.trainer.get("accumulate_grad_batches", 1))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.get("probe") is not None:
         return run_probe(cfg)
     source = resolve_pretrained(cfg)

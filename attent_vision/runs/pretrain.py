@@ -30,6 +30,7 @@ from attent_vision.runs.kit import (
 from attent_vision.runs.stops import forward_signals_to_workers, restore_signal_handlers
 from attent_vision.runs.summary import PretrainSummary
 from attent_vision.selection import AtteNTTeacher, EpochPlan
+from attent_vision.selection.plan import check_accumulation
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,27 @@ def build_teacher(cfg: DictConfig) -> AtteNTTeacher:
 
 
 def plan_from_config(cfg: DictConfig, teacher: AtteNTTeacher, datamodule: Any) -> list[EpochPlan]:
-    """The epoch plan the run will follow, computed before any data is generated or model built."""
+    """The epoch plan the run will follow, computed before any data is generated or model built.
+
+    Its steps are optimizer steps: with ``trainer.accumulate_grad_batches=N`` each is N batches of
+    ``data.batch_size`` on every rank.
+    """
     try:
         return teacher.make_plan(
             max_epochs=int(cfg.trainer.max_epochs),
             dataset_size=datamodule.train_size(),
             batch_size=int(cfg.data.batch_size),
             world_size=configured_world_size(cfg.trainer),
+            accumulate=accumulation(cfg),
         )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """``trainer.accumulate_grad_batches`` (default 1), checked: a ConfigError unless an integer >= 1."""
+    try:
+        return check_accumulation(cfg.trainer.get("accumulate_grad_batches", 1))
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -80,6 +94,7 @@ def plan_from_config(cfg: DictConfig, teacher: AtteNTTeacher, datamodule: Any) -
 def run_pretraining(cfg: DictConfig) -> float | None:
     """Pretrain as configured; returns the final validation loss (the metric a sweeper would optimise)."""
     validate_pretrain_config(cfg)
+    accumulation(cfg)  # before anything is built: Lightning's own message would not name the key
     teacher = build_teacher(cfg)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     plan = plan_from_config(cfg, teacher, datamodule)

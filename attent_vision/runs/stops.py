@@ -179,6 +179,10 @@ class GracefulStop(pl.Callback):
             # teacher's selection) of this one would never run. They check for the stop themselves, and with
             # nothing left to interrupt, the next epoch stops before its first batch.
             return
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # Between the batches of one accumulated optimizer step: under DDP each rank's partial gradients are
+            # its own and no checkpoint can hold them, so stops land on step boundaries only.
+            return
         self.stop_if_requested(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -25,6 +25,7 @@ from attent_vision.selection.plan import (
     plan_totals,
     subset_size,
 )
+from attent_vision.selection.sampling import WholeStepSampler
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 from attent_vision.selection.score_bank import ScoreBank
 from attent_vision.selection.scoring import FullPassScorer, OnlineScorer, Scorer
@@ -69,6 +70,7 @@ __all__ = [
     "SubsetSampler",
     "TeacherSetupError",
     "WeightedLossModule",
+    "WholeStepSampler",
     "build_plan",
     "cycle_plan",
     "full_data_plan",

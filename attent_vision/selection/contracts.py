@@ -161,8 +161,9 @@ def accepts_keyword(function: Any, name: str) -> bool:
 
 
 def trainer_problems(trainer: Any) -> list[str]:
-    """What the trainer (and its datamodule) must change for the teacher: its sampler, and one optimizer step per
-    batch over whole epochs, which the plan counts."""
+    """What the trainer (and its datamodule) must change for the teacher: its sampler, and whole epochs of optimizer
+    steps, which the plan counts (with ``accumulate_grad_batches`` too: the plan and the sampler count its
+    windows)."""
     problems = []
     if trainer._accelerator_connector.use_distributed_sampler:
         problems.append("trainer.use_distributed_sampler must be false (Lightning would re-pad the subset)")
@@ -170,9 +171,7 @@ def trainer_problems(trainer: Any) -> list[str]:
         problems.append("trainer.reload_dataloaders_every_n_epochs must be 1 (epoch lengths change)")
     if trainer.max_epochs is None or trainer.max_epochs < 1:
         problems.append("trainer.max_epochs must be set: the plan is built from it")
-    # The plan counts one optimizer step per batch over whole epochs; these settings would break that.
-    if trainer.accumulate_grad_batches != 1:
-        problems.append("trainer.accumulate_grad_batches must be 1 (raise data.batch_size instead)")
+    # The plan counts the optimizer steps of whole epochs; these settings would break that.
     if trainer.limit_train_batches not in (1.0, None) or trainer.overfit_batches:
         problems.append("trainer.limit_train_batches / overfit_batches cannot be combined with the teacher")
     if trainer.max_steps not in (-1, None):

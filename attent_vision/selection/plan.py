@@ -59,20 +59,27 @@ class PlanRequest:
         dataset_size: Training samples M.
         batch_size: Per-device batch size.
         world_size: Number of ranks (devices x nodes).
+        accumulate: Batches per optimizer step (``trainer.accumulate_grad_batches``): a step trains on
+            ``batch_size x world_size x accumulate`` samples, and an epoch's steps count whole windows only.
     """
 
     max_epochs: int
     dataset_size: int
     batch_size: int
     world_size: int = 1
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
             raise ValueError(f"trainer.max_epochs: {self.max_epochs} must be >= 1")
-        if self.dataset_size < self.world_size * self.batch_size:
+        check_accumulation(self.accumulate)
+        if self.dataset_size < self.world_size * self.batch_size * self.accumulate:
             raise ValueError(
-                f"data: {self.dataset_size} training samples cannot fill one batch of {self.batch_size} on each "
-                f"of {self.world_size} ranks"
+                f"data: {self.dataset_size} training samples cannot fill one optimizer step of {self.accumulate} "
+                f"batch(es) of {self.batch_size} on each of {self.world_size} ranks"
+                if self.accumulate > 1
+                else f"data: {self.dataset_size} training samples cannot fill one batch of {self.batch_size} on "
+                f"each of {self.world_size} ranks"
             )
 
     @property
@@ -81,7 +88,9 @@ class PlanRequest:
         return self.dataset_size - self.dataset_size % self.world_size
 
     def steps(self, num_samples: int) -> int:
-        return steps_for(num_samples, world_size=self.world_size, batch_size=self.batch_size)
+        return steps_for(
+            num_samples, world_size=self.world_size, batch_size=self.batch_size, accumulate=self.accumulate
+        )
 
     def full_epoch(self, epoch: int, cycle: int | None = None) -> EpochPlan:
         samples = self.full_samples
@@ -103,10 +112,21 @@ def subset_size(ratio: float, dataset_size: int, world_size: int = 1) -> int:
     return max(world_size, k - k % world_size)
 
 
-def steps_for(num_samples: int, *, world_size: int, batch_size: int) -> int:
+def steps_for(num_samples: int, *, world_size: int, batch_size: int, accumulate: int = 1) -> int:
     """Optimizer steps of an epoch over ``num_samples``: each rank gets an equal shard, incomplete batches are
-    dropped (static shapes)."""
-    return (num_samples // world_size) // batch_size
+    dropped (static shapes), and so are incomplete accumulation windows of ``accumulate`` batches (the sampler
+    yields whole windows only), so ``batch_size=B, accumulate=1`` and ``batch_size=B/2, accumulate=2`` plan the
+    same steps on the same samples."""
+    return (num_samples // world_size) // (batch_size * accumulate)
+
+
+def check_accumulation(accumulate: object) -> int:
+    """``trainer.accumulate_grad_batches`` as an int >= 1, or a ValueError naming the key."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches: {accumulate!r} must be an integer >= 1 (batches per optimizer step)"
+        )
+    return accumulate
 
 
 def full_data_plan(request: PlanRequest) -> list[EpochPlan]:
@@ -156,7 +176,7 @@ def cycle_plan(
         if request.steps(k) < 1:
             raise ValueError(
                 f"ratio.initial: a subset of {k} samples (ratio {r:.3f} of {request.dataset_size}) gives no full "
-                f"batch of {request.batch_size} per rank; raise the ratio or lower data.batch_size"
+                f"{_step_unit(request)} per rank; raise the ratio or lower data.batch_size"
             )
         for i in range(lengths[cycle]):
             epoch = len(plan)
@@ -175,6 +195,7 @@ def build_plan(
     dataset_size: int,
     batch_size: int,
     world_size: int = 1,
+    accumulate: int = 1,
     ratio: RatioSchedule | None = None,
     interval: IntervalSchedule | None = None,
     total_cycles: int = 10,
@@ -182,12 +203,18 @@ def build_plan(
 ) -> list[EpochPlan]:
     """:func:`cycle_plan` with keyword arguments and the default schedules (for scripts and tests)."""
     return cycle_plan(
-        PlanRequest(max_epochs, dataset_size, batch_size, world_size),
+        PlanRequest(max_epochs, dataset_size, batch_size, world_size, accumulate),
         ratio=ratio or RatioSchedule(),
         interval=interval or IntervalSchedule(),
         total_cycles=total_cycles,
         reselect=reselect,
     )
+
+
+def _step_unit(request: PlanRequest) -> str:
+    if request.accumulate == 1:
+        return f"batch of {request.batch_size}"
+    return f"optimizer step ({request.accumulate} batches of {request.batch_size})"
 
 
 def _cycle_lengths(remaining: int, total_cycles: int) -> list[int]:
@@ -219,7 +246,7 @@ def resolve_estimate(
     """
     if request.steps(num_samples) < 1:
         raise ValueError(
-            f"epoch {epoch}: {num_samples} selected samples give no full batch of {request.batch_size} per rank"
+            f"epoch {epoch}: {num_samples} selected samples give no full {_step_unit(request)} per rank"
         )
     out = list(plan)
     out[epoch] = _resized(plan[epoch], num_samples, request, estimated=False)

@@ -21,7 +21,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from attent_vision.data.sampler import SubsetSampler
 from attent_vision.seeds import capture_rng_state, restore_rng_state, stream_seed
 from attent_vision.selection.contracts import (
     LabelledDataModule,
@@ -41,6 +40,7 @@ from attent_vision.selection.plan import (
     plan_totals,
     resolve_estimate,
 )
+from attent_vision.selection.sampling import WholeStepSampler
 from attent_vision.selection.schedules import IntervalSchedule, RatioSchedule
 from attent_vision.selection.score_bank import ScoreBank
 from attent_vision.selection.scoring import FullPassScorer, Scorer
@@ -94,7 +94,7 @@ class AtteNTTeacher(pl.Callback):
         self._step_ends: list[int] = []
         self.resolved: dict[int, int] = {}  # estimated epochs fixed so far: epoch -> selected samples
         self.bank: ScoreBank | None = None
-        self.sampler: SubsetSampler | None = None
+        self.sampler: WholeStepSampler | None = None
         self.selection: Selection | None = None
         self.prepared_epoch = -1
         self.last_ended_epoch = -1
@@ -109,9 +109,9 @@ class AtteNTTeacher(pl.Callback):
     # planning
 
     def make_plan(
-        self, *, max_epochs: int, dataset_size: int, batch_size: int, world_size: int
+        self, *, max_epochs: int, dataset_size: int, batch_size: int, world_size: int, accumulate: int = 1
     ) -> list[EpochPlan]:
-        request = PlanRequest(max_epochs, dataset_size, batch_size, world_size)
+        request = PlanRequest(max_epochs, dataset_size, batch_size, world_size, accumulate)
         return self.selector.plan(request, ratio=self.ratio, interval=self.interval)
 
     def epoch_at_step(self, global_step: int) -> int:
@@ -138,15 +138,22 @@ class AtteNTTeacher(pl.Callback):
         self._restored, self._resume_step, self.resolved = None, 0, {}
         datamodule = trainer.datamodule
         dataset_size = len(datamodule.train_dataset())
+        accumulate = int(trainer.accumulate_grad_batches)
         self.request = PlanRequest(
-            trainer.max_epochs, dataset_size, datamodule.batch_size, trainer.world_size
+            trainer.max_epochs, dataset_size, datamodule.batch_size, trainer.world_size, accumulate
         )
         self._initial_plan = self.selector.plan(self.request, ratio=self.ratio, interval=self.interval)
         self._set_plan(self._initial_plan)
         self._raise_if(self._module_problems(pl_module, datamodule))
         self.bank = ScoreBank(dataset_size)
-        self.sampler = SubsetSampler(
-            dataset_size, seed=self.seed, num_replicas=trainer.world_size, rank=trainer.global_rank
+        # With accumulation, epochs hold whole optimizer steps (the plan counts those); otherwise the loader's
+        # drop_last already cuts the shard to whole batches.
+        self.sampler = WholeStepSampler(
+            dataset_size,
+            step_samples=datamodule.batch_size * accumulate if accumulate > 1 else 1,
+            seed=self.seed,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
         )
         datamodule.set_train_sampler(self.sampler)
         if isinstance(pl_module, PlannedSchedule):
@@ -154,11 +161,12 @@ class AtteNTTeacher(pl.Callback):
             pl_module.steps_per_full_epoch = self.plan[0].num_steps
         totals = plan_totals(self.plan)
         log.info(
-            "AtteNT plan: %s selection, %d epochs (%d on subsets), %d steps%s, %.1f%% of full-data training",
+            "AtteNT plan: %s selection, %d epochs (%d on subsets), %d steps%s%s, %.1f%% of full-data training",
             self.selector.strategy,
             totals["epochs"],
             totals["subset_epochs"],
             totals["optimizer_steps"],
+            f" of {accumulate} accumulated batches" if accumulate > 1 else "",
             " (estimated until their scores are known)" if any(p.estimated for p in self.plan) else "",
             100 * totals["step_fraction"],
         )
@@ -206,14 +214,20 @@ class AtteNTTeacher(pl.Callback):
             self._apply(pl_module, epoch)  # the checkpoint was taken after this epoch's selection
         else:
             self.prepare_epoch(trainer, pl_module, epoch)
-        # Mid-epoch checkpoint: Lightning runs only the remaining batches, so skip the ones already trained.
-        self.sampler.skip_next((step - epoch_start) * trainer.datamodule.batch_size)
+        # Mid-epoch checkpoint: Lightning runs only the remaining batches, so skip the ones already trained: the
+        # optimizer steps' batches, and those of an accumulation window the checkpoint was taken inside.
+        accumulate = self.request.accumulate
+        batches = (step - epoch_start) * accumulate + int(restored.get("window_batches", 0)) % accumulate
+        self.sampler.skip_next(batches * trainer.datamodule.batch_size)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.selector.needs_scores and self.scorer.observes_training:
-            self.scorer.observe(pl_module, outputs, self.bank, step=trainer.global_step)
+            # Stamped with the global step after the optimizer step this batch counts toward: every batch of an
+            # accumulation window gets the same stamp, the one a single batch of their size would get.
+            step = trainer.global_step + (1 if _window_batches(trainer) else 0)
+            self.scorer.observe(pl_module, outputs, self.bank, step=step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.last_ended_epoch = trainer.current_epoch
@@ -371,6 +385,8 @@ class AtteNTTeacher(pl.Callback):
         selection = self.selection
         return {
             "global_step": trainer.global_step if trainer is not None else 0,
+            # Batches into the accumulation window in flight (0 without accumulation or at a window's end).
+            "window_batches": _window_batches(trainer),
             "prepared_epoch": self.prepared_epoch,
             "last_ended_epoch": self.last_ended_epoch,
             "subset": None if selection is None else selection.indices.clone(),
@@ -410,3 +426,12 @@ class AtteNTTeacher(pl.Callback):
         self.selection_time_s = state_dict["selection_time_s"]
         self.scoring_passes = state_dict.get("scoring_passes", 0)
         restore_rng_state(state_dict["rng"])
+
+
+def _window_batches(trainer: pl.Trainer | None) -> int:
+    """Batches trained since the last optimizer step of this epoch: Lightning resumes a checkpoint after its
+    processed batches, and a checkpoint taken between the batches of one accumulation window holds some."""
+    if trainer is None or trainer.accumulate_grad_batches == 1:
+        return 0
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(progress.processed) % int(trainer.accumulate_grad_batches)
