@@ -69,6 +69,23 @@ def compose_finetune(tmp_path: Path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
+def tiny_multimae(**overrides):
+    """A seeded micro MultiMAE (patch 8, 32 px, 8 semseg classes, one small decoder block) for checkpoint tests."""
+    from attent_vision.models import build_pretrain_multimae
+
+    torch.manual_seed(0)
+    settings = dict(
+        size="micro",
+        patch_size=8,
+        image_size=32,
+        semseg_num_classes=8,
+        decoder_dim=64,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    return build_pretrain_multimae(**{**settings, **overrides})
+
+
 def run_train(
     args: list[str],
     *,

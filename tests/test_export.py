@@ -15,12 +15,12 @@ import timm
 import torch
 from timm.models import save_for_hf
 
-from attent_vision.models import build_multivit, build_pretrain_multimae, load_pretrained
+from attent_vision.models import build_multivit, load_pretrained
 from attent_vision.models.checkpoint_keys import multimae_to_timm_vit
 from attent_vision.models.released import RELEASED_WEIGHTS
 from attent_vision.tools.export import export_timm, main
 
-from .conftest import ROOT
+from .conftest import ROOT, tiny_multimae
 
 
 @pytest.fixture(autouse=True)
@@ -29,17 +29,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _multimae_state(num_global_tokens: int = 1) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    net = build_pretrain_multimae(
-        size="micro",
-        patch_size=8,
-        image_size=32,
-        semseg_num_classes=8,
-        decoder_dim=64,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        num_global_tokens=num_global_tokens,
-    )
+    net = tiny_multimae(num_global_tokens=num_global_tokens)
     with torch.no_grad():
         net.global_tokens.normal_()  # distinctive global tokens (they start at zero-ish values)
     return net.state_dict()

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from attent_vision.config import ConfigError
-from attent_vision.models import build_multivit, build_pretrain_multimae, load_pretrained, resolve_checkpoint
+from attent_vision.models import build_multivit, load_pretrained, resolve_checkpoint
 from attent_vision.models.checkpoint_keys import multimae_to_timm_vit
 from attent_vision.models.released import (
     MIRROR_ENV,
@@ -31,7 +31,7 @@ from attent_vision.models.released import (
 )
 from attent_vision.runs.downstream import resolve_pretrained
 
-from .conftest import FINETUNE_COMMON, FINETUNE_TINY, read_summary, run_finetune
+from .conftest import FINETUNE_COMMON, FINETUNE_TINY, read_summary, run_finetune, tiny_multimae
 
 LICENCE_LINE = "licence: CC-BY-NC 4.0 (non-commercial)"
 LOCAL_HINT = "pass a local file: pretrained=/path/to/file.pth"
@@ -41,17 +41,7 @@ def _release_style_bytes(layout: str) -> tuple[bytes, dict[str, torch.Tensor]]:
     """A tiny checkpoint in the release's format: ``{'model': state, 'args': Namespace, 'epoch'}`` with MultiMAE keys
     (rgb + depth + semseg in and out, like the ``multivit`` files) or timm ViT keys with a zero cls row (the ``timm``
     files: the original multimae2vit converts ``ckpt['model']`` in place). Returns the bytes and the MultiMAE state."""
-    torch.manual_seed(0)
-    net = build_pretrain_multimae(
-        size="micro",
-        patch_size=8,
-        image_size=32,
-        semseg_num_classes=8,
-        decoder_dim=64,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        extra_norm_pix_loss=False,  # the release has no norm_rgb adapter
-    )
+    net = tiny_multimae(extra_norm_pix_loss=False)  # the release has no norm_rgb adapter
     with torch.no_grad():
         net.global_tokens.normal_()
     state = net.state_dict()
