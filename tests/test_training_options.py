@@ -239,59 +239,60 @@ def test_half_the_batch_accumulated_twice_trains_step_for_step_like_the_whole_ba
     assert halved["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-4)
 
 
+def _interrupt_and_resume(
+    tmp_path: Path, tmp_path_factory, action: str, *, exit_code: int, checkpoint_name: str
+) -> tuple[dict, str, dict, dict]:
+    """Runs the batch-4 x 2 selecting run with ``action`` after step 2, then the same command again.
+
+    Returns the checkpoint the interruption left, the rerun's stderr, and the rerun's and the uninterrupted run's
+    step logs; asserts that the rerun ends with the uninterrupted run's step count and weights, bit for bit."""
+    uninterrupted = _pretrain(tmp_path_factory, "b4x2", HALF_BATCH_TWICE) / "run"
+    run_dir = tmp_path / "run"
+    args = [*SELECTING, *HALF_BATCH_TWICE, f"hydra.run.dir={run_dir}"]
+    sabotage = _sabotage("sabotage", action, 2, tmp_path / "fired")
+    interrupted = run_train([*args, *sabotage], cwd=tmp_path, check=False)
+    assert interrupted.returncode == exit_code, interrupted.stderr[-3000:]
+    checkpoint = _load(run_dir / "checkpoints" / checkpoint_name)
+    again = run_train([*args, *sabotage, *_step_log(tmp_path / "steps")], cwd=tmp_path)
+    resumed, full = _last(run_dir), _last(uninterrupted)
+    assert resumed["global_step"] == full["global_step"] == 16
+    for name, value in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    logs = (_load(tmp_path / "steps.rank0")["steps"], _load(uninterrupted.parent / "steps.rank0")["steps"])
+    return checkpoint, again.stderr, *logs
+
+
 def test_a_stop_signal_inside_an_accumulation_window_waits_for_its_step(
     tmp_path: Path, tmp_path_factory
 ) -> None:
     """SIGTERM after step 2 arrives as window 3 begins: the run trains the window's second batch, steps, and
     stops there (under DDP a window's partial gradients are each rank's own, so no checkpoint could hold them);
     the resumed run ends exactly where the uninterrupted run does."""
-    uninterrupted = _pretrain(tmp_path_factory, "b4x2", HALF_BATCH_TWICE) / "run"
-    run_dir = tmp_path / "run"
-    args = [*SELECTING, *HALF_BATCH_TWICE, f"hydra.run.dir={run_dir}"]
-    sabotage = _sabotage("sabotage", "signal:SIGTERM", 2, tmp_path / "fired")
-    stopped = run_train([*args, *sabotage], cwd=tmp_path, check=False)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    checkpoint = _load(run_dir / "checkpoints" / "stopped.ckpt")
+    checkpoint, stderr, resumed_log, full_log = _interrupt_and_resume(
+        tmp_path, tmp_path_factory, "signal:SIGTERM", exit_code=143, checkpoint_name="stopped.ckpt"
+    )
     assert checkpoint["global_step"] == 3 and checkpoint["callbacks"]["AtteNTTeacher"]["window_batches"] == 0
     assert "window_gradients" not in checkpoint
-    again = run_train([*args, *sabotage, *_step_log(tmp_path / "steps")], cwd=tmp_path)
-    assert "Resuming from checkpoints/stopped.ckpt (epoch 0, step 3)" in again.stderr
-    resumed_log = _load(tmp_path / "steps.rank0")["steps"]
-    full_log = _load(uninterrupted.parent / "steps.rank0")["steps"]
+    assert "Resuming from checkpoints/stopped.ckpt (epoch 0, step 3)" in stderr
     assert sorted(resumed_log) == list(range(3, 16))
     assert all(resumed_log[s] == full_log[s] for s in range(3, 16))
-    resumed, full = _last(run_dir), _last(uninterrupted)
-    assert resumed["global_step"] == full["global_step"] == 16
-    for name, value in full["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][name], value), name
 
 
 def test_a_crash_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, tmp_path_factory) -> None:
     """An exception after the first batch of window 3: the crash checkpoint holds that batch's gradients, the
     resumed run trains the window's second batch on top of them, and ends exactly where the uninterrupted run
     does (one process)."""
-    uninterrupted = _pretrain(tmp_path_factory, "b4x2", HALF_BATCH_TWICE) / "run"
-    run_dir = tmp_path / "run"
-    args = [*SELECTING, *HALF_BATCH_TWICE, f"hydra.run.dir={run_dir}"]
-    sabotage = _sabotage("sabotage", "raise-in-window", 2, tmp_path / "fired")
-    crashed = run_train([*args, *sabotage], cwd=tmp_path, check=False)
-    assert crashed.returncode == 1, crashed.stderr[-3000:]
-    checkpoint = _load(run_dir / "checkpoints" / "on_exception.ckpt")
+    checkpoint, stderr, resumed_log, full_log = _interrupt_and_resume(
+        tmp_path, tmp_path_factory, "raise-in-window", exit_code=1, checkpoint_name="on_exception.ckpt"
+    )
     assert checkpoint["global_step"] == 2 and checkpoint["callbacks"]["AtteNTTeacher"]["window_batches"] == 1
     gradients = checkpoint["window_gradients"]
     assert gradients and set(gradients) <= set(checkpoint["state_dict"])
     assert any(bool(g.abs().sum() > 0) for g in gradients.values())
-    again = run_train([*args, *sabotage, *_step_log(tmp_path / "steps")], cwd=tmp_path)
-    assert "Resuming from checkpoints/on_exception.ckpt (epoch 0, step 2)" in again.stderr
-    resumed_log = _load(tmp_path / "steps.rank0")["steps"]
-    full_log = _load(uninterrupted.parent / "steps.rank0")["steps"]
+    assert "Resuming from checkpoints/on_exception.ckpt (epoch 0, step 2)" in stderr
     # The window in flight goes on with its second batch; no sample is trained twice or skipped.
     assert resumed_log[2]["batches"] == 1 and resumed_log[2]["indices"] == full_log[2]["indices"][4:]
     assert all(resumed_log[s] == full_log[s] for s in range(3, 16))
-    resumed, full = _last(run_dir), _last(uninterrupted)
-    assert resumed["global_step"] == full["global_step"] == 16
-    for name, value in full["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][name], value), name
 
 
 @pytest.mark.slow
