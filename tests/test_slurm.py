@@ -175,11 +175,12 @@ def _tail(text: str, limit: int = 4000) -> str:
 def diagnostics(sweep: Path, launcher_output: str = "") -> str:
     """squeue, the sweep's job logs under ``.submitit/`` and the launcher's output, for failure messages."""
     parts = []
-    try:
-        queue = subprocess.run(["squeue", "-o", "%i %j %T %M %R"], capture_output=True, text=True, timeout=30)
-        parts.append(f"----- squeue -----\n{queue.stdout}{queue.stderr}")
-    except (OSError, subprocess.TimeoutExpired) as error:
-        parts.append(f"----- squeue failed: {error}")
+    for command in (["squeue", "-o", "%i %j %T %M %R"], ["sinfo", "-N", "-o", "%N %T %c %C %E"]):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            parts.append(f"----- {command[0]} -----\n{out.stdout}{out.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            parts.append(f"----- {command[0]} failed: {error}")
     folder = sweep / ".submitit"
     for log in sorted(folder.glob("*/*_log.*")) if folder.is_dir() else []:
         parts.append(
@@ -461,6 +462,14 @@ def test_srun_starts_two_ddp_ranks_that_share_one_run_directory(
 ) -> None:
     """The plain-sbatch path's launch, for real: ``srun`` starts one train.py per task and Lightning's SLURM
     environment wires them into one DDP group (docs/running.md "Several GPUs and nodes")."""
+    # Two tasks of one CPU each must fit on the node, or srun waits for ever ("PartitionConfig").
+    cpus = subprocess.run(
+        ["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    assert cpus and int(cpus[0]) >= 2, (
+        f"the local cluster's node advertises {cpus} CPUs, the test needs 2: restart it "
+        "(scripts/slurm/local_cluster.sh stop; start) or set SLURM_LOCAL_CPUS=2"
+    )
     name = f"attent-srun-{os.getpid()}"
     srun = [
         "srun",

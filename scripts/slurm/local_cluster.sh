@@ -81,7 +81,9 @@ ensure_packages() {
 }
 
 node_cpus() {
-  if [[ -n "${SLURM_LOCAL_CPUS:-}" ]]; then echo "${SLURM_LOCAL_CPUS}"; else nproc; fi
+  # nproc honours OMP_NUM_THREADS and OMP_THREAD_LIMIT (the test suite sets OMP_NUM_THREADS=1 for its workers):
+  # without them it counts the CPUs this process may run on, which is what slurmd's tasks get.
+  if [[ -n "${SLURM_LOCAL_CPUS:-}" ]]; then echo "${SLURM_LOCAL_CPUS}"; else env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; fi
 }
 
 node_mem_mb() {
