@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -42,10 +43,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check(procs: list[subprocess.Popen], timeout: int = 300) -> None:
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
+class Launch(NamedTuple):
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+
+def _check(launches: list[Launch], timeout: int = 300) -> None:
+    for launch in launches:
+        launch.proc.wait(timeout=timeout)
+    for proc, out, err in launches:
+        assert proc.returncode == 0, (
+            f"{proc.args} failed ({proc.returncode}):\n{out.read_text()[-3000:]}\n{err.read_text()[-6000:]}"
+        )
 
 
 def _one_run(cwd: Path) -> Path:
@@ -54,10 +64,16 @@ def _one_run(cwd: Path) -> Path:
     return runs[0]
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def _start(args: list[str], cwd: Path) -> Launch:
+    """Starts a launcher with its output in files: a pipe left unread while the test waits for another launcher
+    could fill up and stall that rank, and with it the whole DDP group."""
+    logs = cwd / "launcher_logs"
+    logs.mkdir(exist_ok=True)
+    index = len(list(logs.glob("*.out")))
+    out, err = logs / f"{index}.out", logs / f"{index}.err"
+    with out.open("w") as out_file, err.open("w") as err_file:
+        proc = subprocess.Popen(args, cwd=cwd, env=_env(cwd), stdout=out_file, stderr=err_file)
+    return Launch(proc, out, err)
 
 
 @pytest.fixture(scope="module")
