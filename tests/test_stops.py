@@ -3,6 +3,7 @@ status; re-running in the run directory resumes and never silently starts over."
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -506,6 +507,59 @@ def test_sigterm_to_the_ddp_spawn_launcher_reaches_the_workers(tmp_path: Path) -
     assert proc.returncode == 143, stderr[-3000:]
     assert "Stopped by SIGTERM" in stderr
     assert _steps(run_dir / "checkpoints" / "stopped.ckpt") == 6
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis.
+            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat_file.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_ddp_spawn_launcher_stops_its_workers_with_a_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL of the launching process (no handler can forward it): torch's spawn asked the kernel for SIGINT to
+    its workers when their parent dies (PR_SET_PDEATHSIG), so they stop at a batch boundary with stopped.ckpt
+    instead of training on as orphans in the run directory."""
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "marker"
+    args = [*LONGER, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "ATTENT_DATA_DIR": str(tmp_path / "data"), "ATTENT_LOG_DIR": str(tmp_path / "out")}
+    with (tmp_path / "out.txt").open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args, *_sabotage("marker", 5, marker)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), (tmp_path / "out.txt").read_text()[-3000:]
+    workers = [
+        pid for pid in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 2, workers
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.time() + 120
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "the workers outlived their killed launcher by 120 s"
+    assert _steps(run_dir / "checkpoints" / "stopped.ckpt") >= 6
+    assert read_summary(run_dir)["status"] == "stopped"
+    assert (tmp_path / "out.txt").read_text().count(
+        "Received SIGINT: stopping after the batch in flight"
+    ) == 2
 
 
 def test_one_bad_job_of_a_multirun_fails_alone_and_the_report_lists_it(tmp_path: Path) -> None:
