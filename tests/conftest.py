@@ -222,3 +222,29 @@ def ddp_strategy(start_method: str = "fork", **kwargs):
     return DDPStrategy(
         start_method=start_method, process_group_backend="gloo", timeout=timedelta(seconds=60), **kwargs
     )
+
+
+# Fixtures that train or install something once per module or session: a test that asks for one is slow whatever
+# its own duration, because `-m "not slow"` would build the fixture just for it.
+SLOW_FIXTURES = frozenset(
+    {
+        "smoke_run",
+        "pretrained_run",
+        "stopped_and_resumed",
+        "lightning_launched",
+        "learned_encoder",
+        "shipped_encoder",
+        "slurm_cluster",
+        "selecting_run",
+        "reference_run",
+        "wheel",
+        "sweep",
+        "browser",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

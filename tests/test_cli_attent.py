@@ -32,6 +32,7 @@ def printed_plan(compose_cfg, capsys, tmp_path, monkeypatch):
     return plan_of
 
 
+@pytest.mark.slow
 def test_print_plan_from_the_command_line_prints_json_and_generates_no_data(tmp_path, printed_plan):
     proc = run_train(["print_plan=true"], cwd=tmp_path)
     assert json.loads(proc.stdout) == printed_plan([])
@@ -108,6 +109,7 @@ def test_invalid_combinations_fail_at_start_up_naming_the_key(printed_plan, over
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_start_up_error_on_the_command_line_is_one_message_without_a_traceback(tmp_path):
     proc = run_train(["print_plan=true", "ratio.final=0.1"], cwd=tmp_path, check=False)
     assert proc.returncode == 1
@@ -125,6 +127,7 @@ def test_infobatch_plan_prunes_then_anneals_with_estimated_sizes(printed_plan):
     assert pruned[0]["num_samples"] == 256 - 64  # estimate before any score: half of the set below the mean
 
 
+@pytest.mark.slow
 def test_unknown_strategy_lists_the_options(tmp_path):
     proc = run_train(["selection=greedy"], cwd=tmp_path, check=False)
     assert proc.returncode != 0

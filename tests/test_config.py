@@ -129,6 +129,7 @@ def for_this_machine(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.filterwarnings("ignore:The `srun` command is available")
 @pytest.mark.parametrize(("script", "group", "option"), list(every_option()))
+@pytest.mark.slow
 def test_every_group_option_composes_and_instantiates(
     compose_cfg, compose_finetune, tmp_path, monkeypatch, script, group, option
 ):
@@ -314,6 +315,7 @@ def test_bad_values_and_unknown_options_name_the_key_and_the_choices(compose_cfg
         validate_pretrain_config(compose_cfg("data=multitask_folder"))
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config(tmp_path: Path):
     proc = run_train(["--cfg", "job"], cwd=tmp_path)
     assert "_target_: attent_vision.lightning.pretrain.MultiMAEPretrainModule" in proc.stdout
@@ -321,6 +323,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path):
     assert not (tmp_path / "data").exists(), "--cfg job must not generate data"
 
 
+@pytest.mark.slow
 def test_callbacks_none_still_writes_the_summary(tmp_path: Path):
     """summary.json does not depend on the callbacks group: the report and resume accounting read it."""
     proc = run_train([*TINY_OVERRIDES, "callbacks=none", "hydra.run.dir=outputs/bare"], cwd=tmp_path)
@@ -367,6 +370,7 @@ def test_native_bf16_is_read_from_the_cpu_flags():
         ("finetune", ["task:", "encoder:", "probe:"], ["model:", "selection:", "ratio:", "_multimae"]),
     ],
 )
+@pytest.mark.slow
 def test_help_lists_only_its_own_groups_and_the_shared_ones(script, own, foreign) -> None:
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).parents[1] / f"{script}.py"), "--help"],

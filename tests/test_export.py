@@ -166,6 +166,7 @@ def test_a_release_format_timm_file_exports_with_its_licence(tmp_path: Path, cap
         assert (tmp_path / "resaved" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_cli_help_and_user_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--help"])

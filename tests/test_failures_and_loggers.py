@@ -30,6 +30,7 @@ def test_nan_loss_raises_a_clear_error(compose_cfg):
         module.training_step(batch, 0)
 
 
+@pytest.mark.slow
 def test_a_corrupt_depth_map_stops_the_run_naming_the_file(tmp_path):
     root = tmp_path / "ds"
     ensure_synthetic_dataset(root, num_train=16, num_val=8, image_size=40, max_objects=2, seed=1)
@@ -90,6 +91,7 @@ def _by_step(items: list[dict], key: str, step_key: str) -> dict[int, float]:
     return {int(float(item[step_key])): float(item[key]) for item in items if item.get(key) not in (None, "")}
 
 
+@pytest.mark.slow
 def test_tensorboard_and_offline_wandb_need_no_account(tmp_path, monkeypatch):
     env_home = tmp_path / "home"
     env_home.mkdir()

@@ -49,6 +49,7 @@ def _is_encoder_key(key: str) -> bool:
     return key == "global_tokens" or key.startswith(("input_adapters.", "encoder."))
 
 
+@pytest.mark.slow
 def test_each_task_from_scratch_in_one_multirun(tmp_path: Path) -> None:
     # One multirun, one interpreter, for the three tasks (as the README runs them). The jobs share one set of tiny
     # data settings, SHARED_TINY: a sweep applies every other override to every job, and these fit all three tasks
@@ -313,6 +314,7 @@ def test_a_resumed_fine_tuning_reaches_the_uninterrupted_result(stopped_and_resu
 # bad input
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_message(tmp_path: Path) -> None:
     # Through the command line: exit status and one message, no traceback. (The in-process tests below check the
     # messages of the other bad values; this one is what a user sees.)
@@ -395,6 +397,7 @@ def test_reference_recipes_compose(compose_finetune, preset: str) -> None:
         assert cfg.module.loss_type == "berhu" and cfg.trainer.precision == "32-true"
 
 
+@pytest.mark.slow
 def test_help_lists_the_tasks() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True, check=True
@@ -402,6 +405,7 @@ def test_help_lists_the_tasks() -> None:
     assert "finetune.py" in proc.stdout and "task: cls, depth, semseg" in proc.stdout
 
 
+@pytest.mark.slow
 def test_prepared_nyuv2_files_fine_tune_with_rgbd_input(tmp_path: Path) -> None:
     """Official-format NYUv2 files → `prepare nyuv2` → finetune.py on that layout (40 classes, 0 = unlabeled)."""
     from .test_prepare import _nyu_files
@@ -430,6 +434,7 @@ def test_prepared_nyuv2_files_fine_tune_with_rgbd_input(tmp_path: Path) -> None:
     assert summary["status"] == "finished" and summary["chance"]["delta1"] > 0
 
 
+@pytest.mark.slow
 def test_pictures_reach_tensorboard_and_wandb(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

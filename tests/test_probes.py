@@ -219,6 +219,7 @@ def test_probes_write_fine_tuning_contracts_and_their_own_columns(
     assert all(f" {column} " in header for column in ("ImageNetS50", *COLUMN.values())), header
 
 
+@pytest.mark.slow
 def test_a_probe_through_the_command_line(tmp_path: Path) -> None:
     proc = run_finetune(["probe=knn", *FINETUNE_TINY["cls"], *FINETUNE_COMMON], cwd=tmp_path)
     (summary_path,) = (tmp_path / "outputs" / "probe" / "runs").glob("*_cls/summary.json")

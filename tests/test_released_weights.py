@@ -202,6 +202,7 @@ def test_an_unknown_name_lists_what_pretrained_takes(cache: Path) -> None:
         resolve_checkpoint("multimae-l")
 
 
+@pytest.mark.slow
 def test_finetune_loads_weights_served_over_http(cache: Path, server, tmp_path: Path) -> None:
     data, _ = _release_style_bytes("multivit")
     name = _hashed_name("micro_multivit", data)
@@ -222,6 +223,7 @@ def test_finetune_loads_weights_served_over_http(cache: Path, server, tmp_path: 
     assert f"pretrained weights {url}, downloaded at {cache / name}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_finetune_offline_names_the_url_and_the_local_file_option(cache: Path, tmp_path: Path) -> None:
     port = _closed_port()
     env = {"TORCH_HOME": str(tmp_path / "torch"), MIRROR_ENV: f"http://127.0.0.1:{port}"}

@@ -110,6 +110,7 @@ def _real_multitask_dataset(root: Path) -> Path:
 # -- the entry points under a read-only launch folder -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_and_report_write_only_inside_their_folders(tmp_path: Path, read_only) -> None:
     top = tmp_path / "launch"  # the read-only launch folder, holding the writable output and data folders
     for name in ("outputs", "data"):
@@ -143,6 +144,7 @@ def test_train_and_report_write_only_inside_their_folders(tmp_path: Path, read_o
     assert _outside(new, "outputs/pretrain/runs/ro") == []
 
 
+@pytest.mark.slow
 def test_finetune_writes_only_inside_its_folders(tmp_path: Path, read_only) -> None:
     top = tmp_path / "launch"
     for name in ("outputs", "data"):
@@ -166,6 +168,7 @@ def test_finetune_writes_only_inside_its_folders(tmp_path: Path, read_only) -> N
 # -- where the synthetic data may be generated --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_missing_root_outside_the_data_folder_needs_the_flag(
     compose_cfg, tmp_path: Path, read_only
 ) -> None:
@@ -201,6 +204,7 @@ def test_a_missing_root_outside_the_data_folder_needs_the_flag(
     assert _snapshot(root) == before and not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_a_real_multitask_dataset_is_never_written_into(tmp_path: Path) -> None:
     root = _real_multitask_dataset(tmp_path / "real")
     before = _snapshot(root)

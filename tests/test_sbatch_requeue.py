@@ -146,6 +146,7 @@ def test_a_rank_that_reads_no_summary_yet_takes_the_stop_from_the_exception(tmp_
     assert "saved in None" not in str(stopped)
 
 
+@pytest.mark.slow
 def test_sigusr1_in_a_two_rank_array_task_saves_and_only_rank_0_requeues(tmp_path: Path) -> None:
     bin_dir, log = _fake_scontrol(tmp_path)
     signal_at, stop_step = 4, 5  # the batch in flight when the signal lands finishes, then the state is saved

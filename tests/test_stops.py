@@ -100,6 +100,7 @@ def selecting_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130), ("SIGUSR1", 138)])
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_exits_nonzero_and_the_rerun_resumes(
     tmp_path: Path, name: str, code: int
 ) -> None:
@@ -131,6 +132,7 @@ def test_a_stop_signal_checkpoints_exits_nonzero_and_the_rerun_resumes(
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
+@pytest.mark.slow
 def test_a_stop_during_an_epochs_last_batch_lets_that_epoch_end_before_stopping(tmp_path: Path) -> None:
     """A checkpoint taken after the last batch would resume at the next epoch, skipping this one's end (its summary
     record, the teacher's selection, its checkpoint): the stop waits for them and comes before the next batch."""
@@ -305,6 +307,7 @@ def test_a_run_stopped_in_its_last_epochs_validation_validates_that_epoch_when_r
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     marker = tmp_path / "fired"
@@ -332,6 +335,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> N
     assert point is not None and (point.path.name, point.epoch, point.global_step) == ("epoch_000.ckpt", 0, 6)
 
 
+@pytest.mark.slow
 def test_an_exception_leaves_the_trained_state_and_a_traceback_file(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*LONGER, f"hydra.run.dir={run_dir}"]
@@ -346,6 +350,7 @@ def test_an_exception_leaves_the_trained_state_and_a_traceback_file(tmp_path: Pa
     assert read_summary(run_dir)["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_diverging_run_keeps_its_state_apart_and_the_rerun_resumes_from_the_last_good_checkpoint(
     tmp_path: Path,
 ) -> None:
@@ -405,6 +410,7 @@ def test_a_dangling_last_link_falls_back_to_the_newest_epoch_file(
     assert "Resuming from checkpoints/epoch_000.ckpt" in proc.stderr
 
 
+@pytest.mark.slow
 def test_kill9_right_after_a_checkpoint_never_loses_the_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*LONGER, "trainer.max_epochs=6", f"hydra.run.dir={run_dir}"]
@@ -431,6 +437,7 @@ def test_kill9_right_after_a_checkpoint_never_loses_the_run(tmp_path: Path) -> N
     assert read_summary(run_dir)["status"] == "finished" and read_summary(run_dir)["epochs"] == 6
 
 
+@pytest.mark.slow
 def test_kill9_during_an_asynchronous_checkpoint_write_resumes_from_the_last_complete_one(
     tmp_path: Path,
 ) -> None:
@@ -473,6 +480,7 @@ def test_kill9_during_an_asynchronous_checkpoint_write_resumes_from_the_last_com
     assert summary["status"] == "finished" and summary["epochs"] == 4
 
 
+@pytest.mark.slow
 def test_ddp_spawn_crash_checkpoint_comes_from_the_workers_and_the_rerun_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*LONGER, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={run_dir}"]
@@ -490,6 +498,7 @@ def test_ddp_spawn_crash_checkpoint_comes_from_the_workers_and_the_rerun_resumes
     assert read_summary(run_dir)["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_ddp_spawn_launcher_reaches_the_workers(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     marker = tmp_path / "marker"
@@ -527,6 +536,7 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_killing_the_ddp_spawn_launcher_stops_its_workers_with_a_checkpoint(tmp_path: Path) -> None:
     """SIGKILL of the launching process (no handler can forward it): torch's spawn asked the kernel for SIGINT to
@@ -562,6 +572,7 @@ def test_killing_the_ddp_spawn_launcher_stops_its_workers_with_a_checkpoint(tmp_
     ) == 2
 
 
+@pytest.mark.slow
 def test_one_bad_job_of_a_multirun_fails_alone_and_the_report_lists_it(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_train(
@@ -585,6 +596,7 @@ def test_one_bad_job_of_a_multirun_fails_alone_and_the_report_lists_it(tmp_path:
     assert "ratio.initial: 1.5 is outside (0, 1]" in report.stdout
 
 
+@pytest.mark.slow
 def test_a_file_that_breaks_after_the_start_up_check_is_one_message_from_the_worker(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -610,6 +622,7 @@ def test_a_file_that_breaks_after_the_start_up_check_is_one_message_from_the_wor
     assert proc.returncode == 1 and str(victim) in proc.stderr and "training did not start" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*[a for a in LONGER if a != "logger=csv"], "logger=wandb", f"hydra.run.dir={run_dir}"]

@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import TINY_OVERRIDES, copy_run, read_summary, run_train
@@ -68,6 +69,7 @@ def test_rerunning_in_the_same_run_dir_resumes_from_its_newest_checkpoint(smoke_
     assert summary["initial_val_loss"] == first["initial_val_loss"]
 
 
+@pytest.mark.slow
 def test_validating_every_k_epochs_still_validates_the_last_epoch_and_checkpoints_every_epoch(tmp_path):
     run_train(
         [

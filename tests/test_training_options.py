@@ -204,6 +204,7 @@ def test_print_plan_counts_optimizer_steps_of_accumulated_batches(
 # gradient accumulation end to end
 
 
+@pytest.mark.slow
 def test_half_the_batch_accumulated_twice_trains_step_for_step_like_the_whole_batch(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -262,6 +263,7 @@ def _interrupt_and_resume(
     return checkpoint, again.stderr, *logs
 
 
+@pytest.mark.slow
 def test_a_stop_signal_inside_an_accumulation_window_waits_for_its_step(
     tmp_path: Path, tmp_path_factory
 ) -> None:
@@ -278,6 +280,7 @@ def test_a_stop_signal_inside_an_accumulation_window_waits_for_its_step(
     assert all(resumed_log[s] == full_log[s] for s in range(3, 16))
 
 
+@pytest.mark.slow
 def test_a_crash_inside_an_accumulation_window_resumes_exactly(tmp_path: Path, tmp_path_factory) -> None:
     """An exception after the first batch of window 3: the crash checkpoint holds that batch's gradients, the
     resumed run trains the window's second batch on top of them, and ends exactly where the uninterrupted run
@@ -377,6 +380,7 @@ def _scored_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[
     return shared_run(tmp_path_factory, f"training-options-{name}", build)
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_hold_the_average_of_the_trained_steps_while_training_and_scoring_stay_unchanged(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -424,6 +428,7 @@ def _sabotage(name: str, action: str, step: int, marker: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_stopped_ema_run_resumes_its_average_and_its_training_exactly(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -483,6 +488,7 @@ def _finetune_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: lis
     return shared_run(tmp_path_factory, f"training-options-ft-{name}", build) / "run"
 
 
+@pytest.mark.slow
 def test_finetuning_with_ema_validates_and_checkpoints_the_average(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
