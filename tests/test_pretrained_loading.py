@@ -18,27 +18,18 @@ from attent_vision.models import (
     MultiMAE,
     MultiViT,
     build_multivit,
-    build_pretrain_multimae,
     load_pretrained,
     multimae_to_timm_vit,
     resolve_checkpoint,
 )
 
+from .conftest import tiny_multimae
+
 REPORT_FIELDS = {"source", "format", "loaded", "missing", "unexpected", "resized", "skipped"}
 
 
 def _pretrain(**kwargs) -> MultiMAE:
-    torch.manual_seed(0)
-    settings = dict(
-        size="micro",
-        patch_size=8,
-        image_size=64,
-        semseg_num_classes=8,
-        decoder_dim=64,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
-    return build_pretrain_multimae(**{**settings, **kwargs})
+    return tiny_multimae(image_size=64, **kwargs)
 
 
 def _finetune(**kwargs) -> MultiViT:
